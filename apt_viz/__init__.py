@@ -1,0 +1,16 @@
+"""apt_viz: interactive one-shot post-training pruning of LLMs (APT, SparseGPT, Wanda, magnitude)."""
+
+from .arch import ArchitectureError, find_blocks, prunable_layers
+from .config import METHODS, LayerOverride, PlanError, PruningPlan, Sparsity
+from .hessian import accumulate_hessian, layer_error
+from .hessian_cache import HessianCache
+from .runner import LayerResult, NumericalError, Pruner
+from .solvers import SolverResult, refit, sparsify_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchitectureError", "HessianCache", "LayerOverride", "LayerResult", "METHODS", "NumericalError", "PlanError",
+    "Pruner", "PruningPlan", "SolverResult", "Sparsity", "accumulate_hessian", "find_blocks", "layer_error",
+    "prunable_layers", "refit", "sparsify_weight",
+]

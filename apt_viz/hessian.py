@@ -1,0 +1,74 @@
+"""Pure tensor helpers around the layer-wise Hessian ``H = 2/n X X^T``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulate_hessian(H: torch.Tensor | None, nsamples: int, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of layer inputs into the running Hessian ``H = 2/n sum x x^T`` (float32).
+
+    ``inp`` has shape ``(..., in_features)``; every row counts as one token. Returns ``(H, n)``.
+    """
+    X = inp.reshape(-1, inp.shape[-1]).to(torch.float32)
+    t = X.shape[0]
+    if H is None:
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    total = nsamples + t
+    if nsamples:
+        H.mul_(nsamples / total)
+    # addmm keeps the update in one BLAS call; the 2/n scaling is folded into alpha.
+    H.addmm_(X.t(), X, alpha=2.0 / total)
+    return H, total
+
+
+def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """Reconstruction error ``||WX - W'X||^2`` from ``H``, and the same relative to ``||WX||^2``.
+
+    Both carry the ``2/n`` factor of ``H``, which cancels in the ratio.
+    """
+    W = W.to(torch.float32)
+    D = W_new.to(torch.float32) - W
+    err = float(((D @ H) * D).sum())
+    ref = float(((W @ H) * W).sum())
+    return err, err / ref if ref > 0 else float("inf") if err > 0 else 0.0
+
+
+def prepare(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Copy ``W``, ``H`` to float32, zero dead input columns and add damping.
+
+    Returns ``(W, H_damped, damp)``. A dead column (no activation) carries no information, so its
+    weights are removed and its diagonal set to 1 to keep ``H`` invertible, as SparseGPT does.
+    """
+    W = W.to(torch.float32).clone()
+    H = H.to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    damp = percdamp * float(torch.mean(torch.diag(H)))
+    H.diagonal().add_(damp)
+    return W, H, damp
+
+
+def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``U^T U = H^-1``), with extra damping if needed.
+
+    Rows ``j:`` of ``U`` give the inverse of the trailing sub-Hessian ``H[j:, j:]``:
+    ``(H_FF)^-1 = U_FF^T U_FF``. If ``H`` is not numerically positive definite, damping is raised
+    tenfold per try (starting from 1% of the mean diagonal); the extra damping is returned.
+    """
+    extra = 0.0
+    mean_diag = float(torch.mean(torch.diag(H)))
+    for attempt in range(max_tries + 1):
+        Hd = H if extra == 0 else H + extra * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, extra
+        extra = mean_diag * 0.01 * (10**attempt)
+    raise torch.linalg.LinAlgError(
+        f"the Hessian is not positive definite even with damping {extra:.3g}; "
+        "check the calibration inputs for NaN/Inf or use more calibration samples"
+    )

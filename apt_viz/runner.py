@@ -1,0 +1,379 @@
+"""Prune a Hugging Face causal LM block by block, the way SparseGPT does. Knows no widget.
+
+For each decoder block: accumulate the Hessian of every chosen linear from the block's inputs
+with forward hooks, prune, then re-run the pruned block so the next block sees pruned inputs.
+Only the current block and the calibration activations need to live on ``device``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchitectureError, block_index, find_blocks, find_linears, get_weight, input_source, set_weight, sublayer_kind
+from .config import LayerOverride, PlanError, PruningPlan, Sparsity, nearest
+from .hessian import accumulate_hessian, layer_error
+from .hessian_cache import HessianCache
+from .solvers import sparsify_weight
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+class NumericalError(RuntimeError):
+    """NaN/Inf in a layer's inputs or weights; the dense weights were left untouched."""
+
+
+@dataclass
+class LayerResult:
+    """What pruning one linear did."""
+
+    name: str
+    block: int
+    kind: str
+    shape: tuple[int, int]
+    method: str
+    pattern: str
+    target: float
+    sparsity: float
+    rel_error: float
+    error: float
+    loss: float
+    damp: float
+    seconds: float
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class Pruner:
+    """Layer-by-layer pruning of ``model`` with a reversible record of what changed.
+
+    ``device``: where each block is processed (default: the model's device). ``keep_masks``
+    stores each layer's mask (True = kept) on the CPU for the views.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: str | torch.device | None = None,
+        keep_masks: bool = True,
+        hessians: HessianCache | None = None,
+    ) -> None:
+        self.model = model
+        self.prefix, self.blocks = find_blocks(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.keep_masks = keep_masks
+        self.hessians = hessians or HessianCache()
+        self.layers: dict[str, nn.Module] = {}
+        for i, block in enumerate(self.blocks):
+            self.layers.update(find_linears(block, f"{self.prefix}.{i}"))
+        self.results: dict[str, LayerResult] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._dense: dict[str, torch.Tensor] = {}
+        self.plan: PruningPlan | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def run(
+        self,
+        calib: torch.Tensor,
+        plan: PruningPlan | None = None,
+        *,
+        progress: bool = True,
+        callback: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, LayerResult]:
+        """Calibrate on token windows ``calib`` (n x seqlen) and prune by ``plan``.
+
+        ``callback(done_blocks, total_blocks, message)`` is called as blocks finish;
+        ``should_stop()`` is polled between layers and ends the run early (what was pruned stays
+        pruned and restorable). The dense weights are saved before any change, so
+        :meth:`restore` works after an exception or KeyboardInterrupt too.
+        """
+        plan = (plan or self.plan or PruningPlan()).validate()
+        names = self.layer_names
+        plan.check_names(names)
+        self.plan = plan
+        calib = torch.as_tensor(calib)
+        if calib.dim() != 2 or calib.numel() == 0:
+            raise ValueError(f"calibration tokens must be a non-empty (nsamples x seqlen) tensor, got shape {tuple(calib.shape)}")
+        chosen = {b: [n for n in find_linears(blk, f"{self.prefix}.{b}") if plan.selects(n)] for b, blk in enumerate(self.blocks)}
+        last = max((b for b, ns in chosen.items() if ns), default=-1)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                inps, extra = self._capture(calib)
+                bar = tqdm(total=last + 1, desc="pruning blocks", unit="block", disable=not progress)
+                for b in range(last + 1):
+                    block = self.blocks[b]
+                    home = _module_device(block)
+                    block.to(self.device)
+                    try:
+                        if chosen[b]:
+                            self._prune_block(b, block, chosen[b], inps, extra[b], plan, should_stop)
+                        if b < last and not (should_stop and should_stop()):
+                            inps = [_first(block(x, *extra[b][0], **extra[b][1])) for x in inps]
+                    finally:
+                        block.to(home)
+                    bar.update(1)
+                    if callback:
+                        callback(b + 1, last + 1, f"block {b}")
+                    if should_stop and should_stop():
+                        break
+                bar.close()
+        finally:
+            self.model.train(was_training)
+        return self.results
+
+    def reprune(self, name: str, sparsity: float | str | None = None, pattern: str | None = None, method: str | None = None) -> LayerResult:
+        """Re-prune one layer from its cached Hessian (no calibration pass), e.g. at a new sparsity.
+
+        The override is recorded in the plan. The cached Hessian was taken when the layer was first
+        pruned, so later layers are not re-calibrated against this change.
+        """
+        if name not in self.layers:
+            raise PlanError(f"no prunable layer {name!r}; nearest names: {nearest(name, self.layer_names)}")
+        plan = self.plan or PruningPlan()
+        method0, spec0 = plan.layer_settings(name)
+        base: Sparsity | float | str = spec0 if sparsity is None else sparsity
+        if pattern == "unstructured" and isinstance(base, Sparsity):
+            base = base.fraction
+        spec = Sparsity.parse(base, pattern)
+        plan.overrides[name] = LayerOverride(sparsity=spec.fraction, pattern=spec.pattern, method=method or method0)
+        self.plan = plan.validate()
+        H = self.hessians.get(name, self.device)
+        self.restore([name])
+        return self._prune_layer(name, self.layers[name], H, self.plan)
+
+    def restore(self, names: Iterable[str] | None = None) -> None:
+        """Put back the dense weights, bit for bit (all layers, or only ``names``)."""
+        for name in list(self._dense) if names is None else list(names):
+            if name in self._dense:
+                self.layers[name].weight.data.copy_(self._dense.pop(name))
+            self.results.pop(name, None)
+            self.masks.pop(name, None)
+
+    @property
+    def pruned(self) -> bool:
+        return bool(self._dense)
+
+    # ------------------------------------------------------------------ internals
+    def _capture(self, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
+        """Inputs of block 0 for every sample, and each block's other forward arguments."""
+        blocks = self.blocks
+        extra: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+        inps: list[torch.Tensor] = []
+        moved = _move_outside_blocks(self.model, self.prefix, self.device)
+        first = {"on": True}
+
+        def pre_hook(i: int):
+            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                args, kwargs, hidden = _split_hidden(args, kwargs)
+                if i == 0:
+                    inps.append(hidden)
+                if first["on"]:
+                    extra[i] = (args, kwargs)
+                if i == len(blocks) - 1 or not first["on"]:
+                    raise _Stop
+
+            return hook
+
+        handles = [blk.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+        homes = [_module_device(b) for b in blocks]
+        try:
+            for j in range(calib.shape[0]):
+                first["on"] = j == 0
+                if first["on"]:
+                    # One full pass records each block's own arguments (Gemma 3 alternates local and global attention).
+                    for b in blocks:
+                        b.to(self.device)
+                try:
+                    self.model(calib[j : j + 1].to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+                if first["on"]:
+                    for b, home in zip(blocks, homes):
+                        b.to(home)
+        finally:
+            for h in handles:
+                h.remove()
+            _restore_devices(moved)
+        return inps, extra  # type: ignore[return-value]
+
+    def _prune_block(
+        self, b: int, block: nn.Module, names: list[str], inps: list[torch.Tensor], extra: tuple[tuple, dict],
+        plan: PruningPlan, should_stop: Callable[[], bool] | None,
+    ) -> None:
+        modules = {n: self.layers[n] for n in names}
+        groups = self._groups(block, modules, inps[0], extra) if plan.sequential else [names]
+        for group in groups:
+            self._accumulate(block, {n: modules[n] for n in group}, inps, extra)
+            for name in group:
+                if should_stop and should_stop():
+                    return
+                H = self.hessians.get(name, self.device)
+                if not torch.isfinite(H).all():
+                    raise NumericalError(f"block {b}, layer {name}: NaN or Inf in the calibration inputs; dense weights left untouched")
+                self._prune_layer(name, modules[name], H, plan)
+
+    def _prune_layer(self, name: str, module: nn.Module, H: torch.Tensor, plan: PruningPlan) -> LayerResult:
+        method, spec = plan.layer_settings(name)
+        W = get_weight(module)
+        if not torch.isfinite(W).all():
+            raise NumericalError(f"block {block_index(name)}, layer {name}: NaN or Inf in the weights; dense weights left untouched")
+        t0 = time.perf_counter()
+        Wd = W.to(self.device, torch.float32, copy=True)
+        res = sparsify_weight(Wd, H, spec, method, blocksize=plan.blocksize, percdamp=plan.percdamp)
+        new = res.weight.to(W.dtype)
+        if not torch.isfinite(new).all():
+            raise NumericalError(f"block {block_index(name)}, layer {name}: the {method} solver produced NaN/Inf; dense weights left untouched")
+        seconds = time.perf_counter() - t0
+        if name not in self._dense:
+            self._dense[name] = module.weight.data.detach().to("cpu", copy=True)
+        set_weight(module, new.to(W.device))
+        err, rel = layer_error(Wd, new.to(self.device, torch.float32), H)
+        result = LayerResult(
+            name=name, block=block_index(name), kind=sublayer_kind(name), shape=tuple(W.shape), method=method,
+            pattern=spec.pattern, target=spec.fraction, sparsity=float((new == 0).float().mean()),
+            rel_error=rel, error=err, loss=res.loss, damp=res.damp, seconds=seconds,
+            tokens=self.hessians.tokens.get(name, 0),
+        )
+        self.results[name] = result
+        if self.keep_masks:
+            self.masks[name] = (new != 0).to("cpu")
+        return result
+
+    def _accumulate(self, block: nn.Module, modules: dict[str, nn.Module], inps: list[torch.Tensor], extra: tuple[tuple, dict]) -> None:
+        """Run the block over all samples and store each module's Hessian (shared inputs are aliased)."""
+        H: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+        alias: dict[str, str] = {}
+        seen: dict[tuple, tuple[torch.Tensor, str]] = {}
+        remaining: set[str] = set()
+
+        def on_input(name: str, x: torch.Tensor) -> None:
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key in seen:  # the tensor is held in `seen`, so its address cannot be reused
+                alias[name] = seen[key][1]
+            else:
+                seen[key] = (x, name)
+                H[name], count[name] = accumulate_hessian(H.get(name), count.get(name, 0), x.detach())
+            remaining.discard(name)
+            if not remaining:
+                raise _Stop
+
+        handles = self._input_hooks(modules, on_input)
+        try:
+            for x in inps:
+                seen.clear()
+                remaining.update(modules)
+                try:
+                    block(x, *extra[0], **extra[1])
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for name in modules:
+            if name in H:
+                self.hessians.put(name, H[name], count[name])
+            elif name in alias:
+                self.hessians.alias(name, alias[name])
+            else:
+                raise ArchitectureError(
+                    f"layer {name} was never called during its block's forward, so its input cannot be captured; "
+                    "exclude it from the plan (PruningPlan(exclude=[...]))"
+                )
+
+    def _input_hooks(self, modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> list[Any]:
+        """Call ``on_input(name, x)`` with each module's input during a forward; returns the handles."""
+        handles = []
+        for name in modules:
+            source, read = input_source(self.model, name)
+
+            def f(mod: nn.Module, inp: tuple, out: Any, name: str = name, read: Callable = read) -> None:
+                on_input(name, read(mod, inp, out))
+
+            handles.append(source.register_forward_hook(f))
+        return handles
+
+    def _groups(self, block: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, extra: tuple[tuple, dict]) -> list[list[str]]:
+        """Linears grouped by shared input, in call order (q/k/v, o, gate/up, down for Llama)."""
+        order: list[tuple[str, tuple]] = []
+        held: list[torch.Tensor] = []
+
+        def on_input(name: str, t: torch.Tensor) -> None:
+            held.append(t)
+            order.append((name, (t.data_ptr(), tuple(t.shape), tuple(t.stride()))))
+
+        handles = self._input_hooks(modules, on_input)
+        try:
+            block(x, *extra[0], **extra[1])
+        finally:
+            for h in handles:
+                h.remove()
+        groups: dict[tuple, list[str]] = {}
+        for name, key in order:
+            if name not in sum(groups.values(), []):
+                groups.setdefault(key, []).append(name)
+        missing = [n for n in modules if n not in sum(groups.values(), [])]
+        return list(groups.values()) + ([missing] if missing else [])
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
+    if args:
+        return tuple(args[1:]), dict(kwargs), args[0]
+    kwargs = dict(kwargs)
+    return (), kwargs, kwargs.pop("hidden_states")
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) -> list[tuple[nn.Module, str, str, torch.device]]:
+    """Move parameters and buffers that are not inside the blocks to ``device``; return how to undo it."""
+    moved = []
+    for mname, mod in model.named_modules():
+        if mname == prefix or mname.startswith(prefix + "."):
+            continue
+        for store in ("_parameters", "_buffers"):
+            for key, t in getattr(mod, store).items():
+                if t is not None and t.device != device:
+                    moved.append((mod, store, key, t.device))
+                    if store == "_parameters":
+                        t.data = t.data.to(device)
+                    else:
+                        getattr(mod, store)[key] = t.to(device)
+    return moved
+
+
+def _restore_devices(moved: list[tuple[nn.Module, str, str, torch.device]]) -> None:
+    for mod, store, key, dev in moved:
+        t = getattr(mod, store)[key]
+        if store == "_parameters":
+            t.data = t.data.to(dev)
+        else:
+            getattr(mod, store)[key] = t.to(dev)

@@ -1,0 +1,121 @@
+"""APT (Zhao et al., 2024): prune several weights of a row together, with their joint optimal update.
+
+For a row ``w`` and a pruned set ``P``, removing ``P`` at once and re-fitting the rest costs
+
+    loss = 1/2 w_P [Hinv_PP]^-1 w_P^T,      dw = -w_P [Hinv_PP]^-1 Hinv_P,:
+
+Mask selection walks the columns in blocks, like SparseGPT, but decides and applies each block's
+(or each N:M group's) pruned set jointly against the trailing inverse Hessian ``U_FF^T U_FF``
+instead of one column at a time. With ``V = U[block, block]`` the trailing inverse restricted to the
+block is ``V^T V``, so the joint update of a row is ``dw_F = -a U[block, F]`` with
+``a = w_P (V_P^T V_P)^-1 V_P^T``. N:M groups pick, for every row, the N-subset with the smallest
+group-local joint loss among all C(M, N). The chosen mask is then re-fitted exactly, row by row.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..config import Sparsity
+from ..hessian import inverse_factor, prepare
+from .masks import check_shape, lowest
+from .refit import refit
+from .result import SolverResult
+
+
+def prune_apt(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: Sparsity,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    final_refit: bool = True,
+) -> SolverResult:
+    """Prune ``W`` (out x in) against ``H`` with APT; returns the updated weight and mask."""
+    check_shape(W, H, spec)
+    W, H, damp = prepare(W, H, percdamp)
+    U, extra = inverse_factor(H)
+    if extra:
+        H.diagonal().add_(extra)
+    pruned, W_seq = select_mask(W, U, spec, blocksize)
+    if final_refit:
+        Hinv = U.t() @ U
+        W_new = refit(W, H, ~pruned, Hinv=Hinv)
+    else:
+        W_new = W_seq
+    D = W_new - W
+    loss = 0.5 * float(((D @ H) * D).sum())
+    return SolverResult(W_new, ~pruned, loss, damp + extra)
+
+
+def select_mask(W: torch.Tensor, U: torch.Tensor, spec: Sparsity, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the pruned set block by block with joint updates; returns (pruned mask, updated W)."""
+    W = W.clone()
+    rows, cols = W.shape
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    if spec.structured:
+        blocksize = max(spec.m, blocksize // spec.m * spec.m)
+        subsets = _subsets(spec.n, spec.m, W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        V = U[i1:i2, i1:i2]
+        if spec.structured:
+            A = _nm_block(W, U, i1, i2, spec, subsets, pruned)
+        else:
+            W1 = W[:, i1:i2]
+            P = lowest(W1**2 / torch.diag(V) ** 2, int(round(W1.numel() * spec.fraction)))
+            pruned[:, i1:i2] = P
+            A = joint_coefficients(W1, V, P)
+            W[:, i1:i2] -= A @ V
+        W[:, i1:i2].masked_fill_(pruned[:, i1:i2], 0.0)
+        W[:, i2:] -= A @ U[i1:i2, i2:]
+    return pruned, W
+
+
+def joint_coefficients(W1: torch.Tensor, V: torch.Tensor, P: torch.Tensor, max_batch_bytes: int = 1 << 28) -> torch.Tensor:
+    """Per row, ``a = w_P (V_P^T V_P)^-1 V_P^T``: the joint update of the block is ``-a V``.
+
+    Solved in the block's full width with the unpruned coordinates replaced by identity rows.
+    """
+    rows, b = W1.shape
+    G = V.t() @ V
+    eye = torch.eye(b, dtype=W1.dtype, device=W1.device)
+    A = torch.zeros_like(W1)
+    chunk = max(1, max_batch_bytes // (b * b * 4))
+    for r0 in range(0, rows, chunk):
+        p = P[r0 : r0 + chunk]
+        pp = p[:, :, None] & p[:, None, :]
+        M = torch.where(pp, G, eye)
+        x = torch.cholesky_solve((W1[r0 : r0 + chunk] * p)[:, :, None], torch.linalg.cholesky(M))[:, :, 0]
+        A[r0 : r0 + chunk] = (x * p) @ V.t()
+    return A
+
+
+def _subsets(n: int, m: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(itertools.combinations(range(m), n)), dtype=torch.long, device=device)
+
+
+def _nm_block(
+    W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, spec: Sparsity, subsets: torch.Tensor, pruned: torch.Tensor
+) -> torch.Tensor:
+    """Prune the N:M groups of columns ``[i1, i2)`` one group at a time; returns the block's ``a``."""
+    m = spec.m
+    rows = W.shape[0]
+    A = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
+    for c in range(i1, i2, m):
+        Vg = U[c : c + m, c : c + m]
+        Hg = Vg.t() @ Vg
+        # Same for every row: the inverse of each subset's block and the map from w_S to a.
+        Q = torch.linalg.inv(Hg[subsets[:, :, None], subsets[:, None, :]])
+        R = Q @ Vg.t()[subsets]
+        Ws = W[:, c : c + m][:, subsets]
+        losses = torch.einsum("rci,cij,rcj->rc", Ws, Q, Ws)
+        best = losses.argmin(dim=1)
+        a = torch.einsum("ri,rij->rj", Ws[torch.arange(rows), best], R[best])
+        pruned[torch.arange(rows)[:, None], c + subsets[best]] = True
+        W[:, c:i2] -= a @ U[c : c + m, c:i2]
+        A[:, c - i1 : c - i1 + m] = a
+    return A

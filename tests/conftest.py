@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models of every supported architecture, and the device option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device for solver and runner tests: cpu or cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda was asked for but CUDA is not available")
+    return dev
+
+
+VOCAB = 128
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM; widths are multiples of 8 so every N:M pattern fits."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    elif arch == "opt":
+        cfg = tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=64)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                                  sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    elif arch == "mamba":
+        cfg = tf.MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
+                             conv_kernel=4, time_step_rank=8)
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+ARCHS = ["llama", "opt", "gpt2", "gemma3", "mamba"]
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (8, 32), generator=g)
