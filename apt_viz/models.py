@@ -226,6 +226,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
             setattr(model, attr, value)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out_dir.iterdir():  # some writers create 0600 files; make the cache readable as usual
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
     del model
     logger.info("Converted %s in %.1f s", fname, time.perf_counter() - t0)
 
