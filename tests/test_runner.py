@@ -1,0 +1,154 @@
+"""The block runner on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt_viz import ArchitectureError, PlanError, Pruner, PruningPlan, prunable_layers
+from apt_viz.arch import get_weight
+from conftest import ARCHS, VOCAB, tiny_model
+
+PROBE = torch.arange(24).remainder(VOCAB)[None]
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(PROBE).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sequential", [False, True])
+def test_full_prune_then_restore_is_exact(arch, sequential, calib, device):
+    model = tiny_model(arch).to(device)
+    dense = logits(model.cpu()).clone()
+    model.to(device)
+    pruner = Pruner(model, device=device)
+    pruner.run(calib, PruningPlan(method="apt", sparsity=0.5, sequential=sequential), progress=False)
+    model.cpu()
+    out = logits(model)
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, dense)
+    assert set(pruner.results) == set(pruner.layer_names)
+    for r in pruner.results.values():
+        assert abs(r.sparsity - 0.5) <= 1 / r.shape[1]
+        assert 0 < r.rel_error < 1
+        assert torch.equal(pruner.masks[r.name], get_weight(pruner.layers[r.name]).cpu() != 0)
+    pruner.restore()
+    assert torch.equal(logits(model), dense)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "apt"])
+def test_nm_on_a_model_and_untouched_layers(method, calib):
+    model = tiny_model("llama")
+    before = {n: m.weight.detach().clone() for n, m in prunable_layers(model).items()}
+    plan = PruningPlan(method=method, pattern="2:4", sparsity=0.5, exclude=["*.mlp.*"])
+    pruner = Pruner(model)
+    pruner.run(calib, plan, progress=False)
+    for name, module in prunable_layers(model).items():
+        W = module.weight.detach()
+        if ".mlp." in name:
+            assert torch.equal(W, before[name])
+        else:
+            assert torch.all((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2)
+
+
+def test_sparsity_zero_changes_nothing(calib):
+    model = tiny_model("llama")
+    dense = logits(model).clone()
+    Pruner(model).run(calib, PruningPlan(method="apt", sparsity=0.0), progress=False)
+    assert torch.equal(logits(model), dense)
+
+
+def test_apt_layer_error_at_most_sparsegpt_on_model(calib):
+    errs = {}
+    for method in ("sparsegpt", "apt"):
+        model = tiny_model("llama")
+        p = Pruner(model)
+        p.run(calib, PruningPlan(method=method, sparsity=0.5, include=["model.layers.0.*"]), progress=False)
+        errs[method] = {n: r.error for n, r in p.results.items()}
+    for name in errs["apt"]:
+        assert errs["apt"][name] <= errs["sparsegpt"][name] * (1 + 1e-5)
+
+
+def test_sequential_groups_follow_the_data_flow(calib):
+    model = tiny_model("llama")
+    p = Pruner(model)
+    block = p.blocks[0]
+    names = [n for n in p.layer_names if n.startswith("model.layers.0.")]
+    inps, extra = p._capture(calib[:1])
+    groups = p._groups(block, {n: p.layers[n] for n in names}, inps[0], extra[0])
+    short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_reprune_uses_cached_hessian_and_changes_one_layer(calib):
+    model = tiny_model("llama")
+    p = Pruner(model)
+    p.run(calib, PruningPlan(method="apt", sparsity=0.5), progress=False)
+    others = {n: m.weight.detach().clone() for n, m in p.layers.items()}
+    name = "model.layers.1.mlp.down_proj"
+    r = p.reprune(name, 0.8)
+    assert abs(r.sparsity - 0.8) <= 1 / r.shape[1]
+    for n, m in p.layers.items():
+        if n != name:
+            assert torch.equal(m.weight.detach(), others[n])
+    assert p.plan.layer_settings(name)[1].fraction == pytest.approx(0.8)
+    p.restore()
+    assert torch.equal(logits(model), logits(tiny_model("llama")))
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fault", [Boom, KeyboardInterrupt])
+def test_restore_after_a_fault_mid_run(fault, calib, monkeypatch):
+    model = tiny_model("llama")
+    dense = logits(model).clone()
+    p = Pruner(model)
+    import apt_viz.runner as runner
+
+    real = runner.sparsify_weight
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside block 1, after block 0 was pruned
+            raise fault()
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "sparsify_weight", flaky)
+    with pytest.raises(fault):
+        p.run(calib, PruningPlan(method="sparsegpt", sparsity=0.5), progress=False)
+    assert p.pruned
+    p.restore()
+    assert torch.equal(logits(model), dense)
+
+
+def test_should_stop_ends_early_and_restores(calib):
+    model = tiny_model("llama")
+    dense = logits(model).clone()
+    p = Pruner(model)
+    p.run(calib, PruningPlan(method="wanda", sparsity=0.5), progress=False, should_stop=lambda: len(p.results) >= 3)
+    assert len(p.results) == 3
+    p.restore()
+    assert torch.equal(logits(model), dense)
+
+
+def test_progress_callback_counts_blocks(calib):
+    seen = []
+    Pruner(tiny_model("llama")).run(calib, PruningPlan(method="magnitude"), progress=False, callback=lambda d, t, m: seen.append((d, t)))
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_plan_pattern_matching_nothing_names_nearest(calib):
+    p = Pruner(tiny_model("llama"))
+    with pytest.raises(PlanError, match="nearest names"):
+        p.run(calib, PruningPlan(include=["model.layer.0.self_attn.q_pro"]), progress=False)
+
+
+def test_unknown_architecture_is_named():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.ReLU())
+    with pytest.raises(ArchitectureError, match="found no decoder blocks in Sequential"):
+        Pruner(model)

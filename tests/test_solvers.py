@@ -1,0 +1,110 @@
+"""Layer solvers: exact optimum, ordering against SparseGPT, and exact pattern properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt_viz import Sparsity, layer_error, refit, sparsify_weight
+from apt_viz.config import PlanError
+from apt_viz.hessian import accumulate_hessian, prepare
+
+METHODS = ["magnitude", "wanda", "sparsegpt", "apt"]
+
+
+def layer(seed: int, rows: int = 64, cols: int = 128, n: int = 1024, device: str | torch.device = "cpu"):
+    """A random layer with correlated, unevenly scaled inputs (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(cols, n, generator=g) * (0.2 + 2 * torch.rand(cols, 1, generator=g))
+    X += 0.7 * torch.randn(cols, 6, generator=g) @ torch.randn(6, n, generator=g)
+    W = torch.randn(rows, cols, generator=g)
+    return W.to(device), X.to(device), (2 / n * X @ X.T).to(device)
+
+
+def test_accumulate_hessian_matches_direct():
+    W, X, H = layer(0)
+    Hs, n = None, 0
+    for chunk in X.T.split(100):
+        Hs, n = accumulate_hessian(Hs, n, chunk[None])
+    assert n == X.shape[1]
+    torch.testing.assert_close(Hs, H, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4", "0.3", "0.7"])
+def test_refit_equals_least_squares_optimum(spec, device):
+    """The APT update for a mask is the least-squares optimum, including the damping term."""
+    W, X, H = layer(1, rows=16, cols=64, n=512, device=device)
+    keep = sparsify_weight(W, H, spec, "wanda").mask
+    Wp, Hd, damp = prepare(W, H, 0.01)
+    got = refit(Wp, Hd, keep, Hinv=torch.linalg.inv(Hd.double()).float())
+    # min ||(w - w') X||^2 * 2/n + damp ||w - w'||^2 over w'_K, as one stacked least-squares problem.
+    n = X.shape[1]
+    A_full = torch.cat([X.double() * (2 / n) ** 0.5, damp**0.5 * torch.eye(64, dtype=torch.float64, device=device)], 1)
+    for r in range(W.shape[0]):
+        K = keep[r]
+        target = W[r].double() @ A_full
+        sol = torch.linalg.lstsq(A_full[K].T.cpu(), target.cpu()).solution.to(device)
+        ref = torch.zeros(64, dtype=torch.float64, device=device)
+        ref[K] = sol
+        assert torch.linalg.norm(got[r].double() - ref) <= 1e-4 * torch.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4", "4:8"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_apt_error_at_most_sparsegpt(spec, seed, device):
+    W, X, H = layer(seed, device=device)
+    e_apt = layer_error(W, sparsify_weight(W, H, spec, "apt").weight, H)[0]
+    e_sgpt = layer_error(W, sparsify_weight(W, H, spec, "sparsegpt").weight, H)[0]
+    assert e_apt <= e_sgpt
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
+def test_nm_groups_hold_exactly_n_zeros(method, nm, device):
+    n, m = nm
+    W, X, H = layer(3, device=device)
+    res = sparsify_weight(W, H, f"{n}:{m}", method)
+    zeros = (res.weight == 0).reshape(W.shape[0], -1, m).sum(-1)
+    assert torch.all(zeros == n)
+    assert torch.equal(res.mask, res.weight != 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("frac", [0.25, 0.5, 0.7])
+def test_unstructured_sparsity_within_one_over_in(method, frac, device):
+    W, X, H = layer(4, rows=48, cols=200, device=device)
+    res = sparsify_weight(W, H, frac, method)
+    reached = float((res.weight == 0).float().mean())
+    assert abs(reached - frac) <= 1 / W.shape[1]
+    assert torch.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sparsity_zero_changes_nothing(method):
+    W, X, H = layer(5)
+    res = sparsify_weight(W, H, 0.0, method)
+    assert torch.equal(res.weight, W)
+    assert res.mask.all()
+
+
+def test_loss_matches_layer_error_for_apt():
+    W, X, H = layer(6)
+    res = sparsify_weight(W, H, 0.5, "apt", percdamp=0.0)
+    err, _ = layer_error(W, res.weight, H)
+    assert res.loss == pytest.approx(err / 2, rel=1e-3)
+
+
+def test_dead_columns_are_zeroed():
+    W, X, H = layer(7)
+    H[:, 3] = 0
+    H[3, :] = 0
+    for method in ("sparsegpt", "apt"):
+        res = sparsify_weight(W, H, 0.5, method)
+        assert torch.all(res.weight[:, 3] == 0)
+        assert torch.isfinite(res.weight).all()
+
+
+def test_nm_width_must_divide():
+    W, X, H = layer(8, cols=66)
+    with pytest.raises(PlanError, match="multiple of 4"):
+        sparsify_weight(W, H, "2:4", "apt")
