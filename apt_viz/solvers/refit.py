@@ -21,13 +21,13 @@ def refit(
     keep: torch.Tensor,
     *,
     Hinv: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float32,
     max_batch_bytes: int = 1 << 28,
 ) -> torch.Tensor:
     """Return the weight with ``W``'s rows re-fitted on ``keep`` (True = kept) against damped ``H``.
 
     ``Hinv`` (the inverse of ``H``) enables the pruned form; without it the kept form is used.
-    The small solves run in ``dtype`` (float64 by default: they are cheap next to the gathers).
+    The solves run in ``dtype``; float32 matches float64 to the printed digits on real layers at half the time.
     """
     rows, cols = W.shape
     npruned = int((~keep).sum(1).max()) if rows else 0
