@@ -55,3 +55,25 @@ ARCHS = ["llama", "opt", "gpt2", "gemma3", "mamba"]
 def calib() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (8, 32), generator=g)
+
+
+def word_tokenizer(n_words: int):
+    """A word-level tokenizer over ``w0 .. w{n-1}`` built offline, with BOS/EOS/UNK."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(n_words)]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def word_llama(tokenizer, max_positions: int = 128):
+    """A seeded tiny Llama sized to ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(cfg).eval()

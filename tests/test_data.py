@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 
+from conftest import word_llama, word_tokenizer
+
 from apt_viz import data
 from apt_viz.data import (
     CorpusUnavailableError,
@@ -27,13 +29,7 @@ N_WORDS = 40
 
 
 def _make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(N_WORDS)]
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return word_tokenizer(N_WORDS)
 
 
 def _make_text(n_words: int, seed: int = 123) -> str:
@@ -56,21 +52,7 @@ def text():
 
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = word_llama(tokenizer)
     # Larger random weights than the default init, so predictions are far from uniform.
     with torch.no_grad():
         for p in model.parameters():

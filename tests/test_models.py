@@ -9,35 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import word_llama, word_tokenizer
+
 from apt_viz import models
 from apt_viz.models import BUILTIN_MODELS, builtin_model_path, load_model, resolve_device, resolve_dtype
 
 
 def _make_tokenizer():
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(20)]
-    tk = Tokenizer(tk_models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return word_tokenizer(20)
 
 
 def _save_tiny_llama(folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = _make_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    word_llama(tok, max_positions=64).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
 
