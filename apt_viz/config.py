@@ -120,7 +120,6 @@ class PruningPlan:
     def validate(self) -> "PruningPlan":
         _check_method(self.method)
         Sparsity.parse(self.sparsity, self.pattern)
-        _check_method_pattern(self.method, Sparsity.parse(self.sparsity, self.pattern))
         for name in ("include", "exclude"):
             globs = getattr(self, name)
             if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
@@ -135,10 +134,9 @@ class PruningPlan:
             frac = self.sparsity if ov.sparsity is None else ov.sparsity
             pattern = self.pattern if ov.pattern is None else ov.pattern
             try:
-                spec = Sparsity.parse(frac, pattern)
+                Sparsity.parse(frac, pattern)
             except PlanError as e:
                 raise PlanError(f"override {glob!r}: {e}") from None
-            _check_method_pattern(method, spec)
         return self
 
     def selects(self, name: str) -> bool:
@@ -191,11 +189,6 @@ class PruningPlan:
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def _check_method_pattern(method: str, spec: Sparsity) -> None:
-    # Every built-in method supports N:M; the hook stays so that a method that cannot is refused here.
-    return None
 
 
 _TYPES: dict[str, tuple[type, ...]] = {

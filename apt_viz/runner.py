@@ -330,10 +330,12 @@ class Pruner:
             for h in handles:
                 h.remove()
         groups: dict[tuple, list[str]] = {}
+        placed: set[str] = set()
         for name, key in order:
-            if name not in sum(groups.values(), []):
+            if name not in placed:
+                placed.add(name)
                 groups.setdefault(key, []).append(name)
-        missing = [n for n in modules if n not in sum(groups.values(), [])]
+        missing = [n for n in modules if n not in placed]
         return list(groups.values()) + ([missing] if missing else [])
 
 

@@ -14,7 +14,6 @@ Prints relative errors ||WX - W'X||^2 / ||WX||^2.
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -64,7 +63,6 @@ def main() -> None:
             Wp, Hd, _ = prepare(W, H, 0.01)
             sg = sparsify_weight(W, H, spec, "sparsegpt")
             row = {"sgpt": sg.weight, "sgpt+refit": refit(Wp, Hd, sg.mask)}
-            t = time.time()
             row["apt"] = sparsify_weight(W, H, spec, "apt").weight
             row["admm_row"] = admm(W, H, spec, per_row=True)
             if not spec.structured:

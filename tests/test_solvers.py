@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apt_viz import Sparsity, layer_error, refit, sparsify_weight
+from apt_viz import layer_error, refit, sparsify_weight
 from apt_viz.config import PlanError
 from apt_viz.hessian import accumulate_hessian, prepare
 
