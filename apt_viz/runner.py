@@ -112,7 +112,10 @@ class Pruner:
         calib = torch.as_tensor(calib)
         if calib.dim() != 2 or calib.numel() == 0:
             raise ValueError(f"calibration tokens must be a non-empty (nsamples x seqlen) tensor, got shape {tuple(calib.shape)}")
-        chosen = {b: [n for n in find_linears(blk, f"{self.prefix}.{b}") if plan.selects(n)] for b, blk in enumerate(self.blocks)}
+        chosen: dict[int, list[str]] = {b: [] for b in range(len(self.blocks))}
+        for n in names:
+            if plan.selects(n):
+                chosen[block_index(n)].append(n)
         last = max((b for b, ns in chosen.items() if ns), default=-1)
 
         was_training = self.model.training
