@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from apt_viz import layer_error, refit, sparsify_weight
+from apt_viz.solvers.refit import refit_pcg
 from apt_viz.config import PlanError
 from apt_viz.hessian import accumulate_hessian, prepare
 
@@ -30,13 +31,15 @@ def test_accumulate_hessian_matches_direct():
     torch.testing.assert_close(Hs, H, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("solver", ["direct", "pcg"])
 @pytest.mark.parametrize("spec", ["0.5", "2:4", "0.3", "0.7"])
-def test_refit_equals_least_squares_optimum(spec, device):
+def test_refit_equals_least_squares_optimum(spec, solver, device):
     """The APT update for a mask is the least-squares optimum, including the damping term."""
     W, X, H = layer(1, rows=16, cols=64, n=512, device=device)
     keep = sparsify_weight(W, H, spec, "wanda").mask
     Wp, Hd, damp = prepare(W, H, 0.01)
-    got = refit(Wp, Hd, keep, Hinv=torch.linalg.inv(Hd.double()).float())
+    Hinv = torch.linalg.inv(Hd.double()).float()
+    got = refit(Wp, Hd, keep, Hinv=Hinv) if solver == "direct" else refit_pcg(Wp, Hd, keep, Hinv)[0]
     # min ||(w - w') X||^2 * 2/n + damp ||w - w'||^2 over w'_K, as one stacked least-squares problem.
     n = X.shape[1]
     A_full = torch.cat([X.double() * (2 / n) ** 0.5, damp**0.5 * torch.eye(64, dtype=torch.float64, device=device)], 1)
@@ -108,3 +111,13 @@ def test_nm_width_must_divide():
     W, X, H = layer(8, cols=66)
     with pytest.raises(PlanError, match="multiple of 4"):
         sparsify_weight(W, H, "2:4", "apt")
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_apt_pcg_refit_matches_direct_refit(spec, device):
+    """Both refit solvers land on the same optimum, so APT's weights agree to 1e-4 relative."""
+    W, X, H = layer(3, rows=32, cols=128, n=512, device=device)
+    a = sparsify_weight(W, H, spec, "apt", refit_solver="pcg")
+    b = sparsify_weight(W, H, spec, "apt", refit_solver="direct")
+    assert torch.equal(a.mask, b.mask)
+    assert torch.linalg.norm(a.weight - b.weight) <= 1e-4 * torch.linalg.norm(b.weight)

@@ -22,7 +22,7 @@ SOLVERS: dict[str, Callable[..., SolverResult]] = {
 }
 assert tuple(SOLVERS) == METHODS
 
-_SOLVER_OPTIONS = {"sparsegpt": ("blocksize", "percdamp"), "apt": ("blocksize", "percdamp")}
+_SOLVER_OPTIONS = {"sparsegpt": ("blocksize", "percdamp"), "apt": ("blocksize", "percdamp", "refit_solver")}
 
 
 def sparsify_weight(
@@ -30,7 +30,7 @@ def sparsify_weight(
 ) -> SolverResult:
     """Prune one weight matrix ``W`` (out x in) given its Hessian ``H`` (in x in).
 
-    ``options`` (``blocksize``, ``percdamp``) reach the methods that use them and are ignored by
+    ``options`` (``blocksize``, ``percdamp``, and ``refit_solver`` for apt) reach the methods that use them and are ignored by
     the others. Sparsity 0 returns ``W`` unchanged.
     """
     spec = Sparsity.parse(sparsity)

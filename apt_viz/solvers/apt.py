@@ -21,7 +21,7 @@ import torch
 from ..config import Sparsity
 from ..hessian import inverse_factor, prepare
 from .masks import check_shape, lowest
-from .refit import refit
+from .refit import refit, refit_pcg
 from .result import SolverResult
 
 
@@ -33,8 +33,15 @@ def prune_apt(
     blocksize: int = 128,
     percdamp: float = 0.01,
     final_refit: bool = True,
+    refit_solver: str = "pcg",
 ) -> SolverResult:
-    """Prune ``W`` (out x in) against ``H`` with APT; returns the updated weight and mask."""
+    """Prune ``W`` (out x in) against ``H`` with APT; returns the updated weight and mask.
+
+    ``refit_solver``: ``"pcg"`` (matmuls, warm-started from the block-joint weights) or
+    ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same least-squares optimum.
+    """
+    if refit_solver not in ("pcg", "direct"):
+        raise ValueError(f"refit_solver must be 'pcg' or 'direct', got {refit_solver!r}")
     check_shape(W, H, spec)
     W, H, damp = prepare(W, H, percdamp)
     U, extra = inverse_factor(H)
@@ -43,7 +50,10 @@ def prune_apt(
     pruned, W_seq = select_mask(W, U, spec, blocksize)
     if final_refit:
         Hinv = U.t() @ U
-        W_new = refit(W, H, ~pruned, Hinv=Hinv)
+        if refit_solver == "pcg":
+            W_new = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq)[0]
+        else:
+            W_new = refit(W, H, ~pruned, Hinv=Hinv)
     else:
         W_new = W_seq
     D = W_new - W

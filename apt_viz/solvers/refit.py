@@ -1,4 +1,4 @@
-"""Exact least-squares re-fit of every row on a fixed mask, by batched direct solves.
+"""Exact least-squares re-fit of every row on a fixed mask: batched direct solves, or PCG.
 
 For a row ``w`` with pruned set ``P`` and kept set ``K``, the optimum of ``(w'-w) H (w'-w)^T`` with
 ``w'_P = 0`` can be written two ways, and the smaller system is solved:
@@ -7,7 +7,9 @@ For a row ``w`` with pruned set ``P`` and kept set ``K``, the optimum of ``(w'-w
     pruned form: dw   = -w_P [Hinv_PP]^-1 Hinv_P,:      (the APT update; loss 1/2 w_P [Hinv_PP]^-1 w_P^T)
 
 Rows differ in ``K``, so each row's system is gathered into a padded batch: padding entries get an
-identity row and a zero right-hand side, which leaves the real unknowns unchanged.
+identity row and a zero right-hand side, which leaves the real unknowns unchanged. That costs
+``rows * k^3``. :func:`refit_pcg` reaches the same optimum with matmuls only (as in Boza 2024):
+conjugate gradients on every row at once, preconditioned by ``Hinv`` restricted to the kept set.
 """
 
 from __future__ import annotations
@@ -63,3 +65,47 @@ def refit(
         else:
             out[r0:r1].scatter_(1, idx, x.to(torch.float32))
     return out
+
+
+def refit_pcg(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    keep: torch.Tensor,
+    Hinv: torch.Tensor,
+    *,
+    x0: torch.Tensor | None = None,
+    tol: float = 1e-5,
+    max_iters: int = 100,
+) -> tuple[torch.Tensor, int]:
+    """Re-fit ``W``'s rows on ``keep`` by preconditioned conjugate gradients; returns (weight, iterations).
+
+    Solves ``H_KK w'_K = (w H)_K`` for all rows at once in the full width, with the pruned
+    coordinates held at zero by the mask. ``[Hinv]_KK`` is the preconditioner: it is exact when
+    nothing is pruned and stays close to ``[H_KK]^-1`` at moderate sparsity: on SmolLM2 layers at 50%
+    and 2:4, 20-37 iterations (two matmuls each) reach ``tol=1e-5`` (weights within 5e-6 of the
+    direct solution), where a diagonal preconditioner is still 1e-5 above the optimum's error after 40. ``x0`` (e.g. APT's sequential weights) warms the start.
+    Iterations stop when every row's preconditioned residual fell by ``tol`` relative to the
+    right-hand side.
+    """
+    Wf = W.to(torch.float32)
+    M = keep.to(torch.float32)
+    b = (Wf @ H) * M
+    x = (Wf if x0 is None else x0.to(torch.float32)) * M
+    r = b - (x @ H) * M
+    z = (r @ Hinv) * M
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    stop = tol**2 * ((b @ Hinv) * b).sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    it = 0
+    while it < max_iters and bool((rz > stop).any()):
+        Ap = (p @ H) * M
+        # Converged rows have p ~ 0: guard the division instead of dropping them from the batch.
+        alpha = rz / (p * Ap).sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, Ap, value=-1.0)
+        z = (r @ Hinv) * M
+        rz_new = (r * z).sum(1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(torch.finfo(torch.float32).tiny)) * p
+        rz = rz_new
+        it += 1
+    return x, it
