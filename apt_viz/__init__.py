@@ -9,8 +9,18 @@ from .solvers import SolverResult, refit, sparsify_weight
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The explorer needs the notebook extra (ipywidgets, plotly): import it only when asked for.
+    if name in ("Explorer", "ExplorerState"):
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'apt_viz' has no attribute {name!r}")
+
+
 __all__ = [
-    "ArchitectureError", "HessianCache", "LayerOverride", "LayerResult", "METHODS", "NumericalError", "PlanError",
+    "ArchitectureError", "Explorer", "ExplorerState", "HessianCache", "LayerOverride", "LayerResult", "METHODS", "NumericalError", "PlanError",
     "Pruner", "PruningPlan", "SolverResult", "Sparsity", "accumulate_hessian", "find_blocks", "layer_error",
     "prunable_layers", "refit", "sparsify_weight",
 ]
