@@ -1,6 +1,7 @@
 """apt_viz: interactive one-shot post-training pruning of LLMs (APT, SparseGPT, Wanda, magnitude)."""
 
 from .arch import ArchitectureError, find_blocks, prunable_layers
+from .checks import DataError, DeviceError, ModelError, ReportError, check_calibration, check_device, check_model, check_plan
 from .config import METHODS, LayerOverride, PlanError, PruningPlan, Sparsity
 from .hessian import accumulate_hessian, layer_error
 from .hessian_cache import HessianCache
@@ -20,7 +21,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ArchitectureError", "Explorer", "ExplorerState", "HessianCache", "LayerOverride", "LayerResult", "METHODS", "NumericalError", "PlanError",
-    "Pruner", "PruningPlan", "SolverResult", "Sparsity", "accumulate_hessian", "find_blocks", "layer_error",
+    "ArchitectureError", "DataError", "DeviceError", "Explorer", "ExplorerState", "HessianCache", "LayerOverride", "LayerResult", "METHODS", "ModelError", "NumericalError", "PlanError",
+    "Pruner", "PruningPlan", "ReportError", "SolverResult", "Sparsity", "accumulate_hessian", "check_calibration", "check_device", "check_model", "check_plan", "find_blocks", "layer_error",
     "prunable_layers", "refit", "sparsify_weight",
 ]

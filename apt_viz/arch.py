@@ -39,7 +39,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         lists = [f"{n} ({type(m).__name__}, {len(m)})" for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
         raise ArchitectureError(
             f"found no decoder blocks in {type(model).__name__}: expected an nn.ModuleList of identical blocks "
-            f"that contain nn.Linear or Conv1D layers; module lists seen: {lists or 'none'}"
+            f"that contain nn.Linear or Conv1D layers; module lists seen: {lists or 'none'}. Pass a causal LM whose "
+            "decoder layers sit in an nn.ModuleList (any Hugging Face AutoModelForCausalLM, e.g. from load_model), "
+            "or put your model's repeated blocks in an nn.ModuleList"
         )
     return best
 

@@ -159,13 +159,11 @@ class PruningPlan:
         return method, Sparsity.parse(frac, pattern)
 
     def check_names(self, names: list[str]) -> None:
-        """Raise if an include glob or override matches none of ``names`` (lists the nearest ones)."""
-        for kind, globs in (("include", self.include), ("override", list(self.overrides))):
-            for g in globs:
-                if not any(fnmatch.fnmatchcase(n, g) for n in names):
-                    raise PlanError(f"{kind} pattern {g!r} matches no layer; nearest names: {nearest(g, names)}")
-        if not any(self.selects(n) for n in names):
-            raise PlanError(f"the plan selects no layer (include={self.include}, exclude={self.exclude}); layers look like {names[:3]}")
+        """Raise if an include glob or override matches none of ``names`` (lists the nearest ones, and says
+        when the plan was made for another model), or if the plan selects no layer."""
+        from .checks import check_plan_names  # checks imports this module
+
+        check_plan_names(self, list(names))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checks import DataError
+
 __all__ = [
     "CORPORA",
     "CorpusUnavailableError",
@@ -121,7 +123,7 @@ def load_text(name_or_path: str | os.PathLike, split: str = "validation") -> str
     if path.is_file():
         text = path.read_text(encoding="utf-8")
         if not text.strip():
-            raise ValueError(f"Text file {str(path)!r} is empty: found 0 tokens of text.")
+            raise DataError(f"Text file {str(path)!r} is empty: found 0 tokens of text; pass a file that holds the text to calibrate or evaluate on.")
         return text
     if key in _ALIASES:
         corpus = _ALIASES[key]
@@ -199,7 +201,7 @@ def calibration_windows(
     ids = _as_ids(tokenizer, text)
     n = ids.numel()
     if n < seqlen + 1:
-        raise ValueError(
+        raise DataError(
             f"Text too short for calibration: found {n} tokens, need at least {seqlen + 1} "
             f"for windows of seqlen={seqlen}. Use a longer text or a smaller seqlen."
         )
@@ -235,9 +237,9 @@ def eval_windows(
         step = seqlen - 1
     n = ids.numel() // step
     if n == 0:
-        raise ValueError(
+        raise DataError(
             f"Text too short for evaluation: found {ids.numel()} tokens, need at least {step} "
-            f"for one window of seqlen={seqlen}{' (with BOS)' if bos else ''}."
+            f"for one window of seqlen={seqlen}{' (with BOS)' if bos else ''}. Use a longer text or a smaller seqlen."
         )
     if nwindows is not None:
         n = min(n, nwindows)

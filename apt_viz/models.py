@@ -28,6 +28,8 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .checks import check_device, check_model, check_weight_files
+
 __all__ = [
     "BUILTIN_MODELS",
     "builtin_model_path",
@@ -94,37 +96,12 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"Unsupported dtype {dtype!r}; use a torch dtype or one of {sorted(set(_DTYPES))}")
 
 
-def _available_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        devices += ["cuda"] + [f"cuda:{i}" for i in range(n)]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """Validate ``device`` ("cpu", "cuda", "cuda:0", ...) and return it as a ``torch.device``.
 
-    Raises ``ValueError`` naming the available devices when it does not exist here.
+    Raises ``DeviceError`` (a ``ValueError``) naming the available devices when it does not exist here.
     """
-    available = _available_devices()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"Invalid device {device!r}; available devices: {', '.join(available)}") from exc
-    ok = False
-    if dev.type == "cpu":
-        ok = True
-    elif dev.type == "cuda":
-        ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
-    elif dev.type == "mps":
-        ok = "mps" in available
-    if not ok:
-        raise ValueError(f"Device {str(device)!r} is not available on this machine; available devices: {', '.join(available)}")
-    return dev
+    return check_device(device)
 
 
 # --------------------------------------------------------------------------- built-in models
@@ -312,7 +289,10 @@ def load_model(
     elif cache_dir is not None and not os.path.isdir(source):
         hf_kwargs["cache_dir"] = os.fspath(cache_dir)
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hf_kwargs)
+    check_weight_files(source)
+    # safetensors only: a pickle checkpoint can run code when it is loaded.
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **hf_kwargs)
+    check_model(model)
     tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
     model.to(dev)
     model.eval()

@@ -15,19 +15,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import (
+    NumericalError, check_calibration, check_device, check_finite_weights, check_layer_fits, check_model, check_plan,
+    layer_result_from_dict,
+)
 from .arch import ArchitectureError, block_index, find_blocks, find_linears, get_weight, input_source, set_weight, sublayer_kind
+from .capture import Stop, capture_block_inputs, first_output
 from .config import LayerOverride, PlanError, PruningPlan, Sparsity, nearest
 from .hessian import accumulate_hessian, layer_error
 from .hessian_cache import HessianCache
 from .solvers import sparsify_weight
-
-
-class _Stop(Exception):
-    """Raised inside a hook to end a forward pass early."""
-
-
-class NumericalError(RuntimeError):
-    """NaN/Inf in a layer's inputs or weights; the dense weights were left untouched."""
 
 
 @dataclass
@@ -52,6 +49,11 @@ class LayerResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerResult":
+        """Inverse of :meth:`to_dict` for saved JSON; unknown, missing or mistyped keys raise ``ReportError``."""
+        return layer_result_from_dict(data)
+
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -71,9 +73,20 @@ class Pruner:
         keep_masks: bool = True,
         hessians: HessianCache | None = None,
     ) -> None:
+        check_model(model)
+        self._setup(model, device, keep_masks, hessians)
+
+    @classmethod
+    def unchecked(cls, model: nn.Module, *, device: str | torch.device, keep_masks: bool = False) -> "Pruner":
+        """A pruner for a model whose blocks live on ``meta`` until loaded (see :mod:`apt_viz.streaming`)."""
+        self = cls.__new__(cls)
+        self._setup(model, device, keep_masks, None)
+        return self
+
+    def _setup(self, model: nn.Module, device: str | torch.device | None, keep_masks: bool, hessians: HessianCache | None) -> None:
         self.model = model
         self.prefix, self.blocks = find_blocks(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = check_device(device) if device is not None else next(model.parameters()).device
         self.keep_masks = keep_masks
         self.hessians = hessians or HessianCache()
         self.layers: dict[str, nn.Module] = {}
@@ -106,19 +119,18 @@ class Pruner:
         :meth:`restore` works after an exception or KeyboardInterrupt too.
         """
         plan = (plan or self.plan or PruningPlan()).validate()
-        names = self.layer_names
-        plan.check_names(names)
+        # Everything that can be checked before a weight changes is checked here.
+        selected = check_plan(plan, self.layers)
+        calib = check_calibration(calib, self.model)
+        check_finite_weights(self.layers, selected)
         self.plan = plan
-        calib = torch.as_tensor(calib)
-        if calib.dim() != 2 or calib.numel() == 0:
-            raise ValueError(f"calibration tokens must be a non-empty (nsamples x seqlen) tensor, got shape {tuple(calib.shape)}")
         chosen: dict[int, list[str]] = {b: [] for b in range(len(self.blocks))}
-        for n in names:
-            if plan.selects(n):
-                chosen[block_index(n)].append(n)
+        for n in selected:
+            chosen[block_index(n)].append(n)
         last = max((b for b, ns in chosen.items() if ns), default=-1)
 
         was_training = self.model.training
+        before = set(self._dense)
         self.model.eval()
         try:
             with torch.no_grad():
@@ -132,7 +144,7 @@ class Pruner:
                         if chosen[b]:
                             self._prune_block(b, block, chosen[b], inps, extra[b], plan, should_stop)
                         if b < last and not (should_stop and should_stop()):
-                            inps = [_first(block(x, *extra[b][0], **extra[b][1])) for x in inps]
+                            inps = [first_output(block(x, *extra[b][0], **extra[b][1])) for x in inps]
                     finally:
                         block.to(home)
                     bar.update(1)
@@ -141,6 +153,10 @@ class Pruner:
                     if should_stop and should_stop():
                         break
                 bar.close()
+        except NumericalError:
+            # A model with NaN in it is of no use half pruned: put back what this run changed.
+            self.restore([n for n in self._dense if n not in before])
+            raise
         finally:
             self.model.train(was_training)
         return self.results
@@ -159,6 +175,7 @@ class Pruner:
         if pattern == "unstructured" and isinstance(base, Sparsity):
             base = base.fraction
         spec = Sparsity.parse(base, pattern)
+        check_layer_fits(name, self.layers[name], spec)
         plan.overrides[name] = LayerOverride(sparsity=spec.fraction, pattern=spec.pattern, method=method or method0)
         self.plan = plan.validate()
         H = self.hessians.get(name, self.device)
@@ -179,46 +196,8 @@ class Pruner:
 
     # ------------------------------------------------------------------ internals
     def _capture(self, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
-        """Inputs of block 0 for every sample, and each block's other forward arguments."""
-        blocks = self.blocks
-        extra: list[tuple[tuple, dict] | None] = [None] * len(blocks)
-        inps: list[torch.Tensor] = []
-        moved = _move_outside_blocks(self.model, self.prefix, self.device)
-        first = {"on": True}
-
-        def pre_hook(i: int):
-            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                args, kwargs, hidden = _split_hidden(args, kwargs)
-                if i == 0:
-                    inps.append(hidden)
-                if first["on"]:
-                    extra[i] = (args, kwargs)
-                if i == len(blocks) - 1 or not first["on"]:
-                    raise _Stop
-
-            return hook
-
-        handles = [blk.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
-        homes = [_module_device(b) for b in blocks]
-        try:
-            for j in range(calib.shape[0]):
-                first["on"] = j == 0
-                if first["on"]:
-                    # One full pass records each block's own arguments (Gemma 3 alternates local and global attention).
-                    for b in blocks:
-                        b.to(self.device)
-                try:
-                    self.model(calib[j : j + 1].to(self.device), use_cache=False)
-                except _Stop:
-                    pass
-                if first["on"]:
-                    for b, home in zip(blocks, homes):
-                        b.to(home)
-        finally:
-            for h in handles:
-                h.remove()
-            _restore_devices(moved)
-        return inps, extra  # type: ignore[return-value]
+        """Inputs of block 0 for every sample, and each block's other forward arguments (no block runs)."""
+        return capture_block_inputs(self.model, self.prefix, self.blocks, calib, self.device)
 
     def _prune_block(
         self, b: int, block: nn.Module, names: list[str], inps: list[torch.Tensor], extra: tuple[tuple, dict],
@@ -243,7 +222,10 @@ class Pruner:
             raise NumericalError(f"block {block_index(name)}, layer {name}: NaN or Inf in the weights; dense weights left untouched")
         t0 = time.perf_counter()
         Wd = W.to(self.device, torch.float32, copy=True)
-        res = sparsify_weight(Wd, H, spec, method, blocksize=plan.blocksize, percdamp=plan.percdamp)
+        try:
+            res = sparsify_weight(Wd, H, spec, method, blocksize=plan.blocksize, percdamp=plan.percdamp)
+        except torch.linalg.LinAlgError as e:
+            raise NumericalError(f"block {block_index(name)}, layer {name}: {e}; dense weights left untouched") from e
         new = res.weight.to(W.dtype)
         if not torch.isfinite(new).all():
             raise NumericalError(f"block {block_index(name)}, layer {name}: the {method} solver produced NaN/Inf; dense weights left untouched")
@@ -280,7 +262,7 @@ class Pruner:
                 H[name], count[name] = accumulate_hessian(H.get(name), count.get(name, 0), x.detach())
             remaining.discard(name)
             if not remaining:
-                raise _Stop
+                raise Stop
 
         handles = self._input_hooks(modules, on_input)
         try:
@@ -289,7 +271,7 @@ class Pruner:
                 remaining.update(modules)
                 try:
                     block(x, *extra[0], **extra[1])
-                except _Stop:
+                except Stop:
                     pass
         finally:
             for h in handles:
@@ -342,43 +324,8 @@ class Pruner:
         return list(groups.values()) + ([missing] if missing else [])
 
 
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _split_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
-    if args:
-        return tuple(args[1:]), dict(kwargs), args[0]
-    kwargs = dict(kwargs)
-    return (), kwargs, kwargs.pop("hidden_states")
-
-
 def _module_device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) -> list[tuple[nn.Module, str, str, torch.device]]:
-    """Move parameters and buffers that are not inside the blocks to ``device``; return how to undo it."""
-    moved = []
-    for mname, mod in model.named_modules():
-        if mname == prefix or mname.startswith(prefix + "."):
-            continue
-        for store in ("_parameters", "_buffers"):
-            for key, t in getattr(mod, store).items():
-                if t is not None and t.device != device:
-                    moved.append((mod, store, key, t.device))
-                    if store == "_parameters":
-                        t.data = t.data.to(device)
-                    else:
-                        getattr(mod, store)[key] = t.to(device)
-    return moved
-
-
-def _restore_devices(moved: list[tuple[nn.Module, str, str, torch.device]]) -> None:
-    for mod, store, key, dev in moved:
-        t = getattr(mod, store)[key]
-        if store == "_parameters":
-            t.data = t.data.to(dev)
-        else:
-            getattr(mod, store)[key] = t.to(dev)

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Sparsity
 from ..hessian import inverse_factor, prepare
-from .masks import check_shape, lowest
+from .masks import block_count, check_shape, lowest
 from .refit import refit, refit_pcg
 from .result import SolverResult
 
@@ -76,7 +76,7 @@ def select_mask(W: torch.Tensor, U: torch.Tensor, spec: Sparsity, blocksize: int
             A = _nm_block(W, U, i1, i2, spec, subsets, pruned)
         else:
             W1 = W[:, i1:i2]
-            P = lowest(W1**2 / torch.diag(V) ** 2, int(round(W1.numel() * spec.fraction)))
+            P = lowest(W1**2 / torch.diag(V) ** 2, block_count(rows, i1, i2, spec.fraction))
             pruned[:, i1:i2] = P
             A = joint_coefficients(W1, V, P)
             W[:, i1:i2] -= A @ V

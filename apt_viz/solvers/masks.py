@@ -49,3 +49,9 @@ def by_score(score: torch.Tensor, spec: Sparsity, per_row: bool) -> torch.Tensor
     if per_row:
         return lowest_per_row(score, int(score.shape[1] * spec.fraction))
     return lowest(score, int(round(score.numel() * spec.fraction)))
+
+
+def block_count(rows: int, i1: int, i2: int, fraction: float) -> int:
+    """Weights to prune in columns ``[i1, i2)``: differences of cumulative counts, so the blocks'
+    rounding errors cancel and the whole matrix reaches the target to within one weight."""
+    return int(round(rows * i2 * fraction)) - int(round(rows * i1 * fraction))

@@ -12,7 +12,7 @@ import torch
 
 from ..config import Sparsity
 from ..hessian import inverse_factor, prepare
-from .masks import check_shape, lowest, lowest_per_row
+from .masks import block_count, check_shape, lowest, lowest_per_row
 from .result import SolverResult
 
 
@@ -36,7 +36,7 @@ def prune_sparsegpt(
         if spec.structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            mask1 = lowest(W1**2 / d**2, int(round(W1.numel() * spec.fraction)))
+            mask1 = lowest(W1**2 / d**2, block_count(rows, i1, i2, spec.fraction))
 
         for i in range(i2 - i1):
             if spec.structured and i % spec.m == 0:
