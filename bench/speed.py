@@ -1,0 +1,167 @@
+"""Solver speed on single layers of realistic shapes, against SparseGPT and against the matmul limit.
+
+For each shape (in x out) and pattern, every solver runs on the same random layer and Hessian;
+the table gives the median time of several runs, the ratio to sparsegpt, the layer error, and the
+ratio to the machine's "limit": the time its own measured matmul rate needs for the dense work
+every OBS-type solver must do (the inverse, in^3 flops, and one update pass over the weights,
+2 * out * in^2 flops). Hessian accumulation is timed separately, as tokens per second and as a
+fraction of matmul peak (2 * tokens * in^2 flops). A profile of where APT's time goes follows.
+
+    python bench/speed.py                 # full run, writes bench/results/speed.md
+    python bench/speed.py --quick --out /tmp/speed.md   # small shapes (the CI smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
+from apt_viz.hessian import inverse_factor, prepare
+from apt_viz.solvers.apt import select_mask
+from apt_viz.solvers.refit import refit_pcg
+
+CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
+GPU_SHAPES = CPU_SHAPES + [(4096, 4096), (4096, 11008)]
+QUICK_SHAPES = [(64, 128), (128, 64)]
+METHODS = ["magnitude", "wanda", "sparsegpt", "apt"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median wall time of ``repeats`` calls after one warm-up, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def matmul_peak(device: torch.device, n: int) -> float:
+    """Measured float32 matmul rate (flop/s) on ``n x n`` operands."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t, _ = timed(lambda: a @ b, device, 5)
+    return 2 * n**3 / t
+
+
+def layer(cols: int, rows: int, device: torch.device, tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random layer with correlated inputs and a few outlier features, as LLM activations have."""
+    g = torch.Generator().manual_seed(cols * 7 + rows)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    X = torch.randn(tokens, cols, generator=g) @ mix
+    X[:, : max(1, cols // 100)] *= 20
+    H = (2 / tokens) * X.T @ X
+    W = torch.randn(rows, cols, generator=g) / cols**0.5
+    return W.to(device), H.to(device)
+
+
+def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
+    lines = ["| in x out | pattern | method | median s | x sparsegpt | x limit | rel. error |", "|---|---|---|---|---|---|---|"]
+    for cols, rows in shapes:
+        W, H = layer(cols, rows, device)
+        limit = (cols**3 + 2 * rows * cols**2) / peak
+        for spec in specs:
+            times = {}
+            for m in METHODS:
+                t, res = timed(lambda: sparsify_weight(W, H, spec, m), device, repeats)
+                times[m] = (t, layer_error(W, res.weight, H)[1])
+            for m in METHODS:
+                t, err = times[m]
+                lines.append(f"| {cols} x {rows} | {spec} | {m} | {t:.3f} | {t / times['sparsegpt'][0]:.2f} | {t / limit:.1f} | {err:.5f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def bench_hessian(widths, device, peak, tokens: int = 8192) -> list[str]:
+    lines = ["| in | tokens | median s | tokens/s | fraction of matmul peak |", "|---|---|---|---|---|"]
+    for cols in widths:
+        X = torch.randn(tokens, cols, device=device)
+        t, _ = timed(lambda: accumulate_hessian(None, 0, X), device, 5)
+        frac = 2 * tokens * cols**2 / t / peak
+        lines.append(f"| {cols} | {tokens} | {t:.4f} | {tokens / t:,.0f} | {frac:.0%} |")
+    return lines
+
+
+def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[str]:
+    """Where APT's time goes on one layer: preparation and inverse, mask selection, PCG re-fit."""
+    W0, H0 = layer(cols, rows, device)
+    s = Sparsity.parse(spec)
+    sync(device)
+    t0 = time.perf_counter()
+    W, H, _ = prepare(W0, H0, 0.01)
+    U, _ = inverse_factor(H)
+    Hinv = U.t() @ U
+    sync(device)
+    t1 = time.perf_counter()
+    pruned, W_seq = select_mask(W, U, s, 128)
+    sync(device)
+    t2 = time.perf_counter()
+    _, iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq)
+    sync(device)
+    t3 = time.perf_counter()
+    total = t3 - t0
+    return [
+        f"APT on {cols} x {rows}, {spec}: {total:.2f} s",
+        "",
+        "| stage | s | share |",
+        "|---|---|---|",
+        f"| damping + inverse factor | {t1 - t0:.3f} | {(t1 - t0) / total:.0%} |",
+        f"| mask selection (block-joint OBS) | {t2 - t1:.3f} | {(t2 - t1) / total:.0%} |",
+        f"| exact re-fit (PCG, {iters} iterations) | {t3 - t2:.3f} | {(t3 - t2) / total:.0%} |",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.md"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    peak = matmul_peak(device, 512 if args.quick else 2048)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    out = [
+        "# Solver speed",
+        "",
+        f"Machine: {platform.platform()}, {name}, torch {torch.__version__}, device {device}.",
+        f"Command: `python bench/speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "",
+        f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up.",
+        "Limit = (in^3 + 2 out in^2) flops at that peak: the inverse plus one update pass.",
+        "",
+        "## Solvers",
+        "",
+        *bench_solvers(shapes, ["0.5", "2:4"], device, args.repeats, peak),
+        "",
+        "## Hessian accumulation",
+        "",
+        *bench_hessian(sorted({c for c, _ in shapes}), device, peak),
+        "",
+        "## Where APT's time goes",
+        "",
+        *profile_apt(*shapes[-1], "0.5", device),
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(out))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Streaming prune from safetensors shards: same weights as in memory, and resumable after a crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import apt_viz.runner as runner
+from apt_viz import Pruner, PruningPlan
+from apt_viz.streaming import STATE, prune_streaming
+
+from conftest import tiny_model
+
+
+def _saved(tmp_path, arch: str):
+    model = tiny_model(arch)
+    src = tmp_path / "src"
+    # Small shards, so blocks are spread over several files as in a real checkpoint.
+    model.save_pretrained(src, safe_serialization=True, max_shard_size="100KB")
+    return model, src
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_streaming_matches_in_memory(tmp_path, calib, arch):
+    plan = PruningPlan(method="sparsegpt", sparsity=0.5)
+    _, src = _saved(tmp_path, arch)
+    res = prune_streaming(src, tmp_path / "out", calib, plan, progress=False)
+
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    pruner = Pruner(ref)
+    pruner.run(calib, plan, progress=False)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    want = _weights(ref)
+    for k, v in _weights(got).items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
+    assert set(res.results) == set(pruner.results)
+    for name, r in res.results.items():
+        assert r.sparsity == pruner.results[name].sparsity
+        assert r.rel_error == pytest.approx(pruner.results[name].rel_error, rel=1e-4)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, calib, monkeypatch):
+    plan = PruningPlan(method="apt", sparsity="2:4")
+    _, src = _saved(tmp_path, "llama")
+    prune_streaming(src, tmp_path / "full", calib, plan, progress=False)
+
+    real = runner.sparsify_weight
+
+    def crash_in_block_1(W, H, spec, method, **kw):
+        if crash_in_block_1.calls >= 7:  # the first layer of block 1 (block 0 has 7 linears)
+            raise RuntimeError("simulated crash")
+        crash_in_block_1.calls += 1
+        return real(W, H, spec, method, **kw)
+
+    crash_in_block_1.calls = 0
+    monkeypatch.setattr(runner, "sparsify_weight", crash_in_block_1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prune_streaming(src, tmp_path / "resumed", calib, plan, progress=False)
+    assert (tmp_path / "resumed" / STATE).exists()
+    assert not (tmp_path / "resumed" / "model.safetensors.index.json").exists()  # not loadable half done
+    monkeypatch.setattr(runner, "sparsify_weight", real)
+    res = prune_streaming(src, tmp_path / "resumed", calib, plan, progress=False)
+    assert res.resumed_from == 1
+
+    full = _weights(AutoModelForCausalLM.from_pretrained(tmp_path / "full"))
+    resumed = _weights(AutoModelForCausalLM.from_pretrained(tmp_path / "resumed"))
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_output_of_another_run_is_refused(tmp_path, calib):
+    _, src = _saved(tmp_path, "llama")
+    plan = PruningPlan(method="wanda", sparsity=0.5, include=["model.layers.0.*"])
+    prune_streaming(src, tmp_path / "out", calib, plan, progress=False)
+    with pytest.raises(ValueError, match="empty output folder"):
+        prune_streaming(src, tmp_path / "out", calib, PruningPlan(method="wanda", sparsity=0.6), progress=False)
+
+
+def test_low_precision_activations_keep_float32_hessians(tmp_path, calib):
+    _, src = _saved(tmp_path, "llama")
+    plan = PruningPlan(method="sparsegpt", sparsity=0.5)
+    res = prune_streaming(src, tmp_path / "out", calib, plan, act_dtype=torch.bfloat16, progress=False)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    q = got.model.layers[1].self_attn.q_proj.weight
+    assert q.dtype == torch.float32 and float((q == 0).float().mean()) == 0.5
+    assert all(0 < r.rel_error < 1 for r in res.results.values())
