@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -55,6 +55,7 @@ def prune_streaming(
     plan: PruningPlan,
     *,
     device: str | torch.device = "cpu",
+    device_map: Mapping[str, str | torch.device] | None = None,
     dtype: torch.dtype | None = None,
     act_dtype: torch.dtype | None = None,
     act_device: str | torch.device | None = None,
@@ -67,7 +68,10 @@ def prune_streaming(
 
     ``dtype``: the dtype blocks are loaded and saved in (default: the checkpoint's). ``act_dtype``
     and ``act_device`` keep the calibration activations in, e.g., ``torch.bfloat16`` on ``"cpu"``
-    while blocks run on ``device``; Hessians and solves stay float32. With ``resume`` (default), a
+    while blocks run on ``device``; Hessians and solves stay float32. ``device_map`` (accelerate
+    style: module name -> device, e.g. ``{"model.layers.0": "cuda:0", "model.layers.16": "cuda:1"}``;
+    the longest matching name wins) spreads the blocks over several GPUs: each block is loaded,
+    pruned and run on its own device, and the activations follow it. With ``resume`` (default), a
     previous run into ``output`` with the same source, calibration and plan continues from its last
     finished block. ``output`` loads with ``from_pretrained`` once the run has finished.
     """
@@ -78,6 +82,7 @@ def prune_streaming(
     check_weight_files(src)
     weight_map = _weight_map(src)
     device = check_device(device)
+    devmap = {k: check_device(v) for k, v in (device_map or {}).items()}
     calib = check_calibration(torch.as_tensor(calib), None)
     plan = plan.validate()
 
@@ -131,17 +136,20 @@ def prune_streaming(
     with torch.no_grad():
         for b in range(done + 1, len(blocks)):
             block = blocks[b]
+            dev = _mapped_device(devmap, f"{prefix}.{b}", device)
+            args = _to_device(extra[b], dev)
             names = [n for n in weight_map if n.startswith(f"{prefix}.{b}.")]
-            _load(model, src, weight_map, names, device, dtype)
+            _load(model, src, weight_map, names, dev, dtype)
             compute = next(block.parameters()).dtype
             if chosen[b]:
-                run = [x.to(device, compute) for x in inps]
-                pruner._prune_block(b, block, chosen[b], run, extra[b], plan, None)
+                run = [x.to(dev, compute) for x in inps]
+                pruner.device = dev
+                pruner._prune_block(b, block, chosen[b], run, args, plan, None)
                 for n in chosen[b]:
                     results[n] = pruner.results.pop(n)
                     pruner.hessians.drop(n)
                 pruner._dense.clear()  # the dense weights stay in the source checkpoint
-            inps = [first_output(block(x.to(device, compute), *extra[b][0], **extra[b][1])).to(act_device or device, act_dtype or x.dtype)
+            inps = [first_output(block(x.to(dev, compute), *args[0], **args[1])).to(act_device or dev, act_dtype or x.dtype)
                     for x in inps]
             params = {n: t.detach().to("cpu").contiguous() for n, t in block.named_parameters(prefix=f"{prefix}.{b}")}
             atomic_save_tensors(params, out / _shard_name(b))
@@ -247,6 +255,22 @@ def _shard_name(b: int) -> str:
 
 def _acts_name(b: int) -> str:
     return f".acts-after-block-{b:05d}.safetensors"
+
+
+def _mapped_device(devmap: Mapping[str, torch.device], name: str, default: torch.device) -> torch.device:
+    """The device of the longest ``devmap`` key that is ``name`` or one of its parents ("" = all)."""
+    best = max((k for k in devmap if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    return default if best is None else devmap[best]
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _ordered(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:

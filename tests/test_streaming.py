@@ -90,3 +90,30 @@ def test_low_precision_activations_keep_float32_hessians(tmp_path, calib):
     q = got.model.layers[1].self_attn.q_proj.weight
     assert q.dtype == torch.float32 and float((q == 0).float().mean()) == 0.5
     assert all(0 < r.rel_error < 1 for r in res.results.values())
+
+
+def test_device_map_places_each_block(tmp_path, calib, monkeypatch):
+    """An accelerate-style map sends each block to the device of its longest matching name."""
+    import apt_viz.streaming as streaming
+
+    cpu, meta, cuda = torch.device("cpu"), torch.device("meta"), torch.device("cuda", 1)
+    devmap = {"model.layers": cpu, "model.layers.1": cuda}
+    assert streaming._mapped_device(devmap, "model.layers.0", meta) == cpu
+    assert streaming._mapped_device(devmap, "model.layers.1", meta) == cuda
+    assert streaming._mapped_device(devmap, "model.layers.11", meta) == cpu  # not a child of layers.1
+    assert streaming._mapped_device({}, "model.layers.3", meta) == meta
+    assert streaming._mapped_device({"": cpu}, "model.layers.3", meta) == cpu
+
+    seen = []
+    real = streaming._load
+
+    def spy(model, src, weight_map, names, device, dtype):
+        if names and names[0].startswith("model.layers."):
+            seen.append((names[0].split(".")[2], str(device)))
+        return real(model, src, weight_map, names, device, dtype)
+
+    monkeypatch.setattr(streaming, "_load", spy)
+    _, src = _saved(tmp_path, "llama")
+    prune_streaming(src, tmp_path / "out", calib, PruningPlan(method="wanda", sparsity=0.5),
+                    device_map={"model.layers": "cpu"}, progress=False)
+    assert seen == [("0", "cpu"), ("1", "cpu")]
