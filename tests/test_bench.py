@@ -5,17 +5,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
 
 def test_speed_quick_writes_every_method_and_pattern(tmp_path):
     out = tmp_path / "speed.md"
@@ -26,7 +22,6 @@ def test_speed_quick_writes_every_method_and_pattern(tmp_path):
     for method in ("magnitude", "wanda", "sparsegpt", "apt"):
         assert sum(f"| {method} |" in r for r in rows) == 4
     assert "fraction of matmul peak" in out.read_text() and "exact re-fit (PCG" in out.read_text()
-
 
 def test_memory_quick_records_peak_rss(tmp_path):
     out = tmp_path / "memory.md"

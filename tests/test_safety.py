@@ -17,7 +17,7 @@ import torch
 import apt_viz
 from apt_viz import LayerResult, PlanError, PruningPlan
 from apt_viz.checks import ModelError, ReportError
-from apt_viz.pipeline import _atomic_write
+from apt_viz.atomic import atomic_write as _atomic_write
 
 PACKAGE = Path(apt_viz.__file__).parent
 
@@ -233,14 +233,14 @@ def test_process_killed_mid_write_leaves_the_old_file(tmp_path):
     """A hard crash (no cleanup runs) half way through the write: the old file is intact and complete."""
     target = tmp_path / "layers.csv"
     target.write_text("old,complete\n")
-    # The child runs the real _atomic_write from pipeline.py's source, without importing torch (seconds saved).
+    # The child runs the real atomic_write from atomic.py's source, without importing torch (seconds saved).
     script = textwrap.dedent(f"""
         import ast, os, tempfile
         from pathlib import Path
 
-        src = Path({str(PACKAGE / "pipeline.py")!r}).read_text()
-        fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_atomic_write")
-        exec(compile(ast.Module([fn], []), "pipeline.py", "exec"))
+        src = Path({str(PACKAGE / "atomic.py")!r}).read_text()
+        fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "atomic_write")
+        exec(compile(ast.Module([fn], []), "atomic.py", "exec"))
 
         real = os.fdopen
 
@@ -253,7 +253,7 @@ def test_process_killed_mid_write_leaves_the_old_file(tmp_path):
                 os._exit(3)  # the process dies here, like a kill -9
 
         os.fdopen = lambda fd, *a, **k: Dying(real(fd, *a, **k))
-        _atomic_write(Path({str(target)!r}), "new\\n" * 10000)
+        atomic_write(Path({str(target)!r}), "new\\n" * 10000)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
