@@ -333,3 +333,32 @@ def test_calibration_windows_are_checked(model, small_calib):
     app.run_button.click()
     assert isinstance(app.last_error, ValueError) and "4 x 16" in str(app.last_error)
     assert not app.state.pruner.pruned and not app.run_button.disabled
+
+
+def test_switch_model_restores_the_old_one_and_redraws_in_place(tmp_path):
+    tok = word_tokenizer(40)
+    old = word_llama(tok)
+    dense = weights(old)
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"w{i % 40}" for i in range(400)))
+    other = tiny_model("opt")  # another architecture, saved as a local folder with the same tokenizer
+    other.resize_token_embeddings(len(tok))
+    other.save_pretrained(tmp_path / "opt", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "opt")
+
+    app = Explorer(old, tok, str(path), nsamples=2, seqlen=16, prompts=[], background=False)
+    root = app.root
+    app.method.value = "wanda"
+    clicked_ok(app, app.run_button)
+    assert any(bool((v == 0).any()) for k, v in weights(old).items() if k.endswith("proj.weight"))
+    app.model_name.value = str(tmp_path / "opt")
+    clicked_ok(app, app.load_model_button)
+    assert all(torch.equal(v, dense[k]) for k, v in weights(old).items())  # the old model is dense again
+    assert app.root is root and root.children == (app.panel,)
+    assert app.state.model is not old and any(".fc1" in n for n in app.state.layer_names)
+    assert set(app.layer_select.options) == set(app.state.layer_names)
+    clicked_ok(app, app.run_button)
+    assert set(app.state.live.results) == set(app.state.layer_names)
+
+    with pytest.raises(ValueError, match="not token ids"):
+        Explorer(word_llama(tok), tok, torch.zeros(2, 16, dtype=torch.long), background=False).switch_model(str(tmp_path / "opt"))

@@ -61,6 +61,9 @@ class Explorer:
     ) -> None:
         self.state = ExplorerState(model, tokenizer, calib, eval_text=eval_text, device=device,
                                    nsamples=nsamples, seqlen=seqlen, prompts=prompts)
+        self._options = {"calib": calib, "eval_text": eval_text, "device": device, "nsamples": nsamples,
+                         "seqlen": seqlen, "prompts": prompts}
+        self.root = getattr(self, "root", None) or widgets.VBox()  # kept across switch_model
         self.background = _in_kernel() if background is None else background
         self.last_error: BaseException | None = None
         self.plan_error: ValueError | None = None  # what is wrong with the controls' plan, if anything
@@ -75,12 +78,42 @@ class Explorer:
         self._set_running(False)
         self._plan_changed()
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "smollm2-135m", calib: str | os.PathLike = "wikitext2", *,
+                        trust_remote_code: bool = False, **kwargs: Any) -> "Explorer":
+        """Load a model by built-in name, Hugging Face id or folder (``apt_viz.models.load_model``) and open the panel."""
+        from ..models import load_model
+
+        model, tok = load_model(name_or_path, device=kwargs.get("device") or "cpu", trust_remote_code=trust_remote_code)
+        return cls(model, tok, calib, **kwargs)
+
+    def switch_model(self, name_or_path: str, *, trust_remote_code: bool = False) -> None:
+        """Put the current model back to dense, load another one and rebuild the panel for it.
+
+        Calibration and evaluation must be text (a path or corpus name): token ids belong to one tokenizer.
+        """
+        from ..models import load_model
+
+        if any(isinstance(self._options[k], torch.Tensor) for k in ("calib", "eval_text")):
+            raise ValueError("switching models needs calibration/evaluation text (a file path or corpus name), "
+                             "not token ids, since the new model has its own tokenizer; build a new Explorer instead")
+        if self.state.busy:
+            raise RuntimeError("a run is in progress: Cancel it before switching models")
+        model, tok = load_model(name_or_path, device=self._options["device"] or "cpu", trust_remote_code=trust_remote_code)
+        self.state.restore()
+        self.__init__(model, tok, background=self.background, **self._options)  # type: ignore[misc]
+
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
         st = self.state
         W = widgets
         wide = W.Layout(width="auto")
         self.model_label = W.HTML(f"<b>Model</b>: {_esc(st.model_label)}")
+        from ..models import BUILTIN_MODELS
+
+        self.model_name = W.Combobox(options=list(BUILTIN_MODELS), placeholder="built-in name, hub id or folder",
+                                     description="load", ensure_option=False)
+        self.load_model_button = W.Button(description="Load model", tooltip="restores this model to dense, then loads the other")
         self.method = W.Dropdown(options=list(METHODS), value="apt", description="method")
         self.pattern = W.ToggleButtons(options=["unstructured", "N:M"], value="unstructured", description="pattern")
         self.n = W.BoundedIntText(value=2, min=1, max=64, description="N", layout=W.Layout(width="130px"))
@@ -139,7 +172,7 @@ class Explorer:
 
         section = lambda title: W.HTML(f"<h4 style='margin:6px 0 2px 0'>{title}</h4>")  # noqa: E731
         self.panel = W.VBox([
-            self.model_label,
+            W.HBox([self.model_label, self.model_name, self.load_model_button]),
             section("Plan"),
             W.HBox([self.method, self.pattern]),
             W.HBox([self.sparsity, self.n, self.m]),
@@ -157,6 +190,7 @@ class Explorer:
             self.view_layer,
             self.tabs,
         ], layout=wide)
+        self.root.children = [self.panel]  # the displayed container, so a model switch redraws in place
 
     def _wire(self) -> None:
         for w in (self.method, self.pattern, self.n, self.m, self.sparsity, self.layer_select):
@@ -182,16 +216,17 @@ class Explorer:
             w.observe(lambda _: self._invalidate("agreement"), names="value")
         self.sweep_button.on_click(self._guard(self.sweep))
         self.eval_button.on_click(self._guard(self.evaluate_now))
+        self.load_model_button.on_click(self._guard(lambda: self.switch_model(self.model_name.value)))
 
     # ------------------------------------------------------------------ display
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.panel._repr_mimebundle_(**kwargs)
+        return self.root._repr_mimebundle_(**kwargs)
 
     def display(self) -> None:
         """Show the panel in the current notebook output."""
         from IPython.display import display
 
-        display(self.panel)
+        display(self.root)
 
     # ------------------------------------------------------------------ plan <-> widgets
     def plan_from_widgets(self) -> PruningPlan:
