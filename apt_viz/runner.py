@@ -7,6 +7,7 @@ Only the current block and the calibration activations need to live on ``device`
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
@@ -118,7 +119,8 @@ class Pruner:
         pruned and restorable). The dense weights are saved before any change, so
         :meth:`restore` works after an exception or KeyboardInterrupt too.
         """
-        plan = (plan or self.plan or PruningPlan()).validate()
+        # A copy: reprune() records overrides in self.plan, which must not reach the caller's object.
+        plan = copy.deepcopy(plan or self.plan or PruningPlan()).validate()
         # Everything that can be checked before a weight changes is checked here.
         selected = check_plan(plan, self.layers)
         calib = check_calibration(calib, self.model)

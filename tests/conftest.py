@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models gain nothing from a second thread, and on a busy machine threads that wait for each
+# other make small ops up to 50x slower; notebook kernels and JupyterLab inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

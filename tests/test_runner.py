@@ -152,3 +152,12 @@ def test_unknown_architecture_is_named():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.ReLU())
     with pytest.raises(ArchitectureError, match="found no decoder blocks in Sequential"):
         Pruner(model)
+
+
+def test_reprune_does_not_change_the_callers_plan(calib):
+    model = tiny_model("llama")
+    plan = PruningPlan(method="wanda", sparsity=0.5)
+    pruner = Pruner(model)
+    pruner.run(calib, plan, progress=False)
+    pruner.reprune("model.layers.0.mlp.up_proj", 0.75)
+    assert plan.overrides == {} and "model.layers.0.mlp.up_proj" in pruner.plan.overrides

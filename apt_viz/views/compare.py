@@ -124,8 +124,8 @@ def generation_table(
         if missing:
             raise ValueError(f"generation {i} lacks {missing}; each needs 'prompt', 'dense' and 'pruned'")
         rows.append(
-            f'<tr><td style="vertical-align:top;padding:6px;font-style:italic;white-space:pre-wrap">{html.escape(g["prompt"])}</td>'
-            f'<td style="padding:6px">{generation_diff(g["dense"], g["pruned"], tokenizer=tokenizer, labels=labels)}</td></tr>'
+            f'<tr><td style="vertical-align:top;padding:6px;font-style:italic;white-space:pre-wrap;text-align:left">{html.escape(g["prompt"])}</td>'
+            f'<td style="padding:6px;text-align:left">{generation_diff(g["dense"], g["pruned"], tokenizer=tokenizer, labels=labels)}</td></tr>'
         )
     return (
         '<table class="apt-gen-table" style="border-collapse:collapse;width:100%">'
