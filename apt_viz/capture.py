@@ -95,7 +95,8 @@ def move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) -> 
             continue
         for store in ("_parameters", "_buffers"):
             for key, t in getattr(mod, store).items():
-                if t is not None and t.device != device:
+                # Meta tensors (a streamed model's unloaded head) have nothing to move.
+                if t is not None and t.device != device and not t.is_meta:
                     moved.append((mod, store, key, t.device))
                     _swap(mod, store, key, t, device)
     return moved

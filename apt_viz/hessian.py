@@ -64,6 +64,7 @@ def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, f
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L, Hd  # bounds the peak at three in x in matrices (H, Hinv, U) for wide layers
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
                 return U, extra

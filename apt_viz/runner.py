@@ -82,6 +82,7 @@ class Pruner:
         """A pruner for a model whose blocks live on ``meta`` until loaded (see :mod:`apt_viz.streaming`)."""
         self = cls.__new__(cls)
         self._setup(model, device, keep_masks, None)
+        self.keep_dense = False  # the dense weights stay in the checkpoint on disk
         return self
 
     def _setup(self, model: nn.Module, device: str | torch.device | None, keep_masks: bool, hessians: HessianCache | None) -> None:
@@ -89,6 +90,7 @@ class Pruner:
         self.prefix, self.blocks = find_blocks(model)
         self.device = check_device(device) if device is not None else next(model.parameters()).device
         self.keep_masks = keep_masks
+        self.keep_dense = True
         self.hessians = hessians or HessianCache()
         self.layers: dict[str, nn.Module] = {}
         for i, block in enumerate(self.blocks):
@@ -232,7 +234,7 @@ class Pruner:
         if not torch.isfinite(new).all():
             raise NumericalError(f"block {block_index(name)}, layer {name}: the {method} solver produced NaN/Inf; dense weights left untouched")
         seconds = time.perf_counter() - t0
-        if name not in self._dense:
+        if self.keep_dense and name not in self._dense:
             self._dense[name] = module.weight.data.detach().to("cpu", copy=True)
         set_weight(module, new.to(W.device))
         err, rel = layer_error(Wd, new.to(self.device, torch.float32), H)

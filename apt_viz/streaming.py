@@ -115,14 +115,17 @@ def prune_streaming(
     done = state["done"] if state else -1
     results = {r["name"]: LayerResult.from_dict(r) for r in (state or {}).get("results", [])}
 
+    # The output head never runs while block inputs are captured, so it is not loaded for that.
+    head = model.get_output_embeddings()
+    head_names = {n for n, p in model.named_parameters() if head is not None and any(p is q for q in head.parameters())}
     if done < 0:
-        outside = [n for n in weight_map if not _in_blocks(n, prefix)]
+        outside = [n for n in weight_map if not _in_blocks(n, prefix) and n not in head_names]
         _load(model, src, weight_map, outside, device, dtype)
         model.tie_weights()
         inps, extra = capture_block_inputs(model, prefix, blocks, calib, device, act_dtype=act_dtype, act_device=act_device)
     else:
         inps = [x.to(act_device or device) for x in _ordered(load_file(str(out / _acts_name(done))))]
-        outside = [n for n in weight_map if not _in_blocks(n, prefix)]
+        outside = [n for n in weight_map if not _in_blocks(n, prefix) and n not in head_names]
         _load(model, src, weight_map, outside, device, dtype)
         model.tie_weights()
         # The blocks' extra arguments do not depend on the tokens, so one window recovers them.
@@ -148,7 +151,6 @@ def prune_streaming(
                 for n in chosen[b]:
                     results[n] = pruner.results.pop(n)
                     pruner.hessians.drop(n)
-                pruner._dense.clear()  # the dense weights stay in the source checkpoint
             inps = [first_output(block(x.to(dev, compute), *args[0], **args[1])).to(act_device or dev, act_dtype or x.dtype)
                     for x in inps]
             params = {n: t.detach().to("cpu").contiguous() for n, t in block.named_parameters(prefix=f"{prefix}.{b}")}
