@@ -131,10 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shapes", nargs="*", default=None, help="in x out pairs such as 576x1536 (default: all for the device)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.md"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
     peak = matmul_peak(device, 512 if args.quick else 2048)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     out = [

@@ -19,6 +19,7 @@ import torch
 
 from ..arch import block_index, sublayer_kind
 from ..config import METHODS, LayerOverride, PlanError, PruningPlan, Sparsity, nearest
+from ..checks import ReportError, layer_result_from_dict
 from ..runner import LayerResult, Pruner
 
 __all__ = ["DEFAULT_PROMPTS", "EXPORT_FORMAT", "ExplorerState", "RunRecord", "results_from_dicts"]
@@ -418,43 +419,22 @@ class ExplorerState:
         return record
 
 
-_RESULT_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "block": (int,), "kind": (str,), "shape": (list, tuple), "method": (str,), "pattern": (str,),
-    "target": (int, float), "sparsity": (int, float), "rel_error": (int, float), "error": (int, float),
-    "loss": (int, float), "damp": (int, float), "seconds": (int, float), "tokens": (int,),
-}
-
-
 def results_from_dicts(items: Any, layer_names: Sequence[str] | None = None) -> dict[str, LayerResult]:
     """Rebuild :class:`LayerResult` objects from their ``to_dict()`` form, checking every field."""
     if not isinstance(items, list):
         raise PlanError(f"results must be a JSON list of layer results, got {type(items).__name__}")
-    fields = [f.name for f in dataclasses.fields(LayerResult)]
     out: dict[str, LayerResult] = {}
     for i, item in enumerate(items):
         where = f"results[{i}]"
-        if not isinstance(item, dict):
-            raise PlanError(f"{where} must be an object, got {type(item).__name__}")
-        if set(item) != set(fields):
-            missing, extra = sorted(set(fields) - set(item)), sorted(set(item) - set(fields))
-            raise PlanError(f"{where} has missing keys {missing} and unknown keys {extra}; expected {fields}")
-        for key, types in _RESULT_TYPES.items():
-            value = item[key]
-            if isinstance(value, bool) or not isinstance(value, types):
-                raise PlanError(f"{where}.{key} has the wrong type {type(value).__name__}")
-        shape = item["shape"]
-        if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise PlanError(f"{where}.shape must be two positive integers, got {shape!r}")
-        if item["method"] not in METHODS:
-            raise PlanError(f"{where}.method {item['method']!r} is not one of {', '.join(METHODS)}")
-        if layer_names is not None and item["name"] not in layer_names:
-            raise PlanError(f"{where}: this model has no layer {item['name']!r}; nearest names: {nearest(item['name'], list(layer_names))}")
-        if item["name"] in out:
-            raise PlanError(f"{where}: layer {item['name']!r} appears twice")
-        for key in ("target", "sparsity"):
-            if not (0.0 <= item[key] <= 1.0):
-                raise PlanError(f"{where}.{key} must be in [0, 1], got {item[key]!r}")
-        out[item["name"]] = LayerResult(**{**item, "shape": tuple(shape)})
+        try:
+            result = layer_result_from_dict(item, where)
+        except ReportError as e:
+            raise PlanError(str(e)) from None
+        if layer_names is not None and result.name not in layer_names:
+            raise PlanError(f"{where}: this model has no layer {result.name!r}; nearest names: {nearest(result.name, list(layer_names))}")
+        if result.name in out:
+            raise PlanError(f"{where}: layer {result.name!r} appears twice")
+        out[result.name] = result
     return out
 
 
