@@ -118,16 +118,13 @@ def prune_streaming(
     # The output head never runs while block inputs are captured, so it is not loaded for that.
     head = model.get_output_embeddings()
     head_names = {n for n, p in model.named_parameters() if head is not None and any(p is q for q in head.parameters())}
+    outside = [n for n in weight_map if not _in_blocks(n, prefix) and n not in head_names]
+    _load(model, src, weight_map, outside, device, dtype)
+    model.tie_weights()
     if done < 0:
-        outside = [n for n in weight_map if not _in_blocks(n, prefix) and n not in head_names]
-        _load(model, src, weight_map, outside, device, dtype)
-        model.tie_weights()
         inps, extra = capture_block_inputs(model, prefix, blocks, calib, device, act_dtype=act_dtype, act_device=act_device)
     else:
         inps = [x.to(act_device or device) for x in _ordered(load_file(str(out / _acts_name(done))))]
-        outside = [n for n in weight_map if not _in_blocks(n, prefix) and n not in head_names]
-        _load(model, src, weight_map, outside, device, dtype)
-        model.tie_weights()
         # The blocks' extra arguments do not depend on the tokens, so one window recovers them.
         _, extra = capture_block_inputs(model, prefix, blocks, calib[:1], device)
     _release(model, [n for n, _ in model.named_parameters() if not _in_blocks(n, prefix)])
