@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .arch import block_index
-from .config import PruningPlan, Sparsity
+from .config import PlanError, PruningPlan, Sparsity
 from .hessian_cache import HessianCache
 from .pipeline import (
     PROMPTS, Corpora, JobResult, Measurement, _atomic_write, calibration_ids, corpus_sources, eval_sets, measure, prune_and_measure, write_report,
@@ -158,16 +158,23 @@ def compare(
     prompts: Sequence[str] = PROMPTS,
     progress: bool = True,
     on_run: Callable[[CompareResult], None] | None = None,
+    runs: Sequence[tuple[str, str | float]] = (),
 ) -> CompareResult:
     """Prune ``model`` with every pattern in ``specs`` x every method, restoring it to dense between runs.
+
+    ``runs`` lists further ``(method, spec)`` pairs, run after the cross product in the order given
+    (pass empty ``methods``/``specs`` to run only these, e.g. the most wanted rows first).
 
     ``on_run(result)`` is called after the dense measurement and after each run (for writing a
     table as it grows). The model is dense again when this returns, or raises.
     """
     t0 = time.perf_counter()
+    pairs = [*((m, s) for s in specs for m in methods), *runs]
+    if not pairs:
+        raise PlanError("nothing to compare: give methods and specs, or runs=[(method, spec), ...]")
     plans = [
         PruningPlan(method=m, sparsity=spec.fraction, pattern=spec.pattern, include=list(include), exclude=list(exclude), sequential=sequential)
-        for spec in (Sparsity.parse(s) for s in specs) for m in methods
+        for m, spec in ((m, Sparsity.parse(s)) for m, s in pairs)
     ]  # validated up front, so a typo fails before the slow part
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
     evals = eval_sets(tokenizer, evaluate, seqlen, nwindows)
@@ -175,7 +182,7 @@ def compare(
     shared = SharedCalibration()
     result = CompareResult(
         labels=list(evals), dense=dense,
-        settings={"methods": list(methods), "specs": [str(s) for s in specs], "calib": os.fspath(calib),
+        settings={"methods": list(methods), "specs": [str(s) for s in specs], "runs": [[m, str(s)] for m, s in runs], "calib": os.fspath(calib),
                   "evaluate": corpus_sources(evaluate), "nsamples": nsamples, "seqlen": seqlen, "nwindows": nwindows,
                   "seed": seed, "device": str(device) if device is not None else None, "include": list(include),
                   "exclude": list(exclude), "sequential": sequential, "tasks": list(tasks), "prompts": list(prompts)},

@@ -6,6 +6,7 @@ x 512-token windows of `wiki.test.raw` (WikiText-2 test) and of PTB `valid`. Bui
 Writes bench/results/quality-smollm2.md, rewritten after every row.
 
     python bench/quality.py [--methods magnitude wanda sparsegpt apt] [--specs 0.5 0.6 0.7 2:4 4:8]
+    python bench/quality.py --methods --specs --runs sparsegpt:0.5 apt:0.5 wanda:2:4   # chosen rows, in order
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt", "apt"])
     ap.add_argument("--specs", nargs="*", default=["0.5", "0.6", "0.7", "2:4", "4:8"])
+    ap.add_argument("--runs", nargs="*", default=[], metavar="METHOD:SPEC",
+                    help="further rows after methods x specs, in this order (e.g. apt:0.5 wanda:2:4)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nwindows", type=int, default=64)
@@ -62,7 +65,7 @@ def main() -> None:
 
     result = compare(model, tok, args.methods, args.specs, calib=calib, evaluate=evaluate, nsamples=args.nsamples,
                      seqlen=args.seqlen, nwindows=args.nwindows, seed=args.seed, device=args.device, progress=False,
-                     on_run=on_run)
+                     on_run=on_run, runs=[tuple(r.split(":", 1)) for r in args.runs])
     print(f"total {result.seconds:.0f} s; table written to {out}")
 
 

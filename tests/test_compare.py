@@ -156,3 +156,17 @@ def test_quality_table_columns_and_zero_shot(tiny, text, monkeypatch):
     assert pruned[2] == f"{res.runs[0].perplexity['ptb']['pruned']:.2f}"
     assert len(calls) == 2 and calls[1] > calls[0]  # the pruned model, with its new zeros, was evaluated in memory
     assert dense[4] == f"{0.25 + calls[0] * 1e-6:.4f}" and pruned[4] == f"{0.25 + calls[1] * 1e-6:.4f}"
+
+
+def test_explicit_runs_follow_the_cross_product_in_order(tiny, text):
+    model, tok = tiny
+    res = compare(model, tok, ["magnitude"], ["0.5"], calib=text, evaluate=None, nsamples=2, seqlen=16, prompts=(),
+                  progress=False, runs=[("wanda", "2:4"), ("magnitude", 0.25)])
+    got = [(r.plan["method"], r.plan["pattern"], r.plan["sparsity"]) for r in res.runs]
+    assert got == [("magnitude", "unstructured", 0.5), ("wanda", "2:4", 0.5), ("magnitude", "unstructured", 0.25)]
+
+
+def test_nothing_to_compare_is_an_error(tiny, text):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="nothing to compare"):
+        compare(model, tok, [], ["0.5"], calib=text, evaluate=None, progress=False)
