@@ -59,15 +59,23 @@ def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, f
     """
     extra = 0.0
     mean_diag = float(torch.mean(torch.diag(H)))
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(max_tries + 1):
-        Hd = H if extra == 0 else H + extra * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # Both factorizations run in place and as upper factors: for a row-major matrix that is
+        # LAPACK's own layout, so no temporary copy is made. Peak: H plus two n x n matrices.
+        F = H.clone()
+        if extra:
+            F.diagonal().add_(extra)
+        torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L, Hd  # bounds the peak at three in x in matrices (H, Hinv, U) for wide layers
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, extra
+            Hinv = torch.cholesky_inverse(F, upper=True)
+            del F
+            torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info))
+            if int(info) == 0 and torch.isfinite(Hinv).all():
+                return Hinv, extra
+            del Hinv
+        else:
+            del F
         extra = mean_diag * 0.01 * (10**attempt)
     raise torch.linalg.LinAlgError(
         f"the Hessian is not positive definite even with damping {extra:.3g}; "

@@ -225,7 +225,8 @@ class Pruner:
         if not torch.isfinite(W).all():
             raise NumericalError(f"block {block_index(name)}, layer {name}: NaN or Inf in the weights; dense weights left untouched")
         t0 = time.perf_counter()
-        Wd = W.to(self.device, torch.float32, copy=True)
+        # No copy when the weight is float32 on the device already: solvers never write to their input.
+        Wd = W.to(self.device, torch.float32)
         try:
             res = sparsify_weight(Wd, H, spec, method, blocksize=plan.blocksize, percdamp=plan.percdamp)
         except torch.linalg.LinAlgError as e:
@@ -236,8 +237,8 @@ class Pruner:
         seconds = time.perf_counter() - t0
         if self.keep_dense and name not in self._dense:
             self._dense[name] = module.weight.data.detach().to("cpu", copy=True)
+        err, rel = layer_error(Wd, res.weight, H)  # before set_weight, which may write into Wd's storage
         set_weight(module, new.to(W.device))
-        err, rel = layer_error(Wd, new.to(self.device, torch.float32), H)
         result = LayerResult(
             name=name, block=block_index(name), kind=sublayer_kind(name), shape=tuple(W.shape), method=method,
             pattern=spec.pattern, target=spec.fraction, sparsity=float((new == 0).float().mean()),

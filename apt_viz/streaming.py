@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocator import fix_mmap_threshold
 from .arch import block_index
 from .atomic import atomic_save_tensors, atomic_write
 from .capture import capture_block_inputs, first_output
@@ -78,6 +79,7 @@ def prune_streaming(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     t_start = time.perf_counter()
+    fix_mmap_threshold()
     src, out = Path(source), Path(output)
     check_weight_files(src)
     weight_map = _weight_map(src)
@@ -145,6 +147,7 @@ def prune_streaming(
                 run = [x.to(dev, compute) for x in inps]
                 pruner.device = dev
                 pruner._prune_block(b, block, chosen[b], run, args, plan, None)
+                del run
                 for n in chosen[b]:
                     results[n] = pruner.results.pop(n)
                     pruner.hessians.drop(n)
@@ -152,6 +155,7 @@ def prune_streaming(
                     for x in inps]
             params = {n: t.detach().to("cpu").contiguous() for n, t in block.named_parameters(prefix=f"{prefix}.{b}")}
             atomic_save_tensors(params, out / _shard_name(b))
+            del params  # else this block stays in memory while the next one is pruned
             if b < len(blocks) - 1:
                 atomic_save_tensors({f"{i:06d}": x.contiguous() for i, x in enumerate(inps)}, out / _acts_name(b))
             state = {"fingerprint": fingerprint, "done": b, "blocks": len(blocks),
