@@ -9,6 +9,11 @@ fraction of matmul peak (2 * tokens * in^2 flops). A profile of where APT's time
 
     python bench/speed.py                 # full run, writes bench/results/speed.md
     python bench/speed.py --quick --out /tmp/speed.md   # small shapes (the CI smoke run)
+    python bench/speed.py --pipeline      # also the whole 50% prune of SmolLM2, sparsegpt vs apt
+
+The pipeline section prunes the offline SmolLM2-135M (32 x 512 tokens of WikiText-2 valid) with
+each method in turn, from the same dense weights, and splits the time into the solver (summed
+over layers, by kind of layer) and everything else (capture, block forwards, Hessians).
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     pruned, W_seq = select_mask(W, U, s, 128)
     sync(device)
     t2 = time.perf_counter()
-    _, iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq)
+    _, iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=1e-4)
     sync(device)
     t3 = time.perf_counter()
     total = t3 - t0
@@ -126,12 +131,48 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     ]
 
 
+def bench_pipeline(device: torch.device, methods=("sparsegpt", "apt"), nsamples: int = 32, seqlen: int = 512) -> list[str]:
+    """Whole prune of the offline SmolLM2 at 50% per method, and where its time goes."""
+    from apt_viz import Pruner, PruningPlan
+    from apt_viz.data import shared_data_path
+    from apt_viz.models import load_model
+    from apt_viz.pipeline import calibration_ids
+
+    calib_path = shared_data_path("wikitext-2/valid.txt")
+    if calib_path is None:
+        raise SystemExit("../shared/data/wikitext-2/valid.txt is missing: the pipeline section calibrates on it")
+    model, tok = load_model("smollm2-135m", device=device)
+    calib = calibration_ids(tok, calib_path, nsamples, seqlen, 0)
+    lines = [f"SmolLM2-135M, 50% unstructured, {nsamples} x {seqlen} calibration tokens, device {device}.", "",
+             "| method | whole prune s | x sparsegpt | solver s | other s (capture, forwards, Hessians) | solver s by layer kind |",
+             "|---|---|---|---|---|---|"]
+    base = None
+    for method in methods:
+        pruner = Pruner(model, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        results = pruner.run(calib, PruningPlan(method=method, sparsity=0.5), progress=False)
+        sync(device)
+        total = time.perf_counter() - t0
+        pruner.restore()
+        base = base or total
+        solve = sum(r.seconds for r in results.values())
+        kinds: dict[str, float] = {}
+        for r in results.values():
+            kinds[r.kind] = kinds.get(r.kind, 0.0) + r.seconds
+        split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {method} | {total:.0f} | {total / base:.2f} | {solve:.0f} | {total - solve:.0f} | {split} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", nargs="*", default=None, help="in x out pairs such as 576x1536 (default: all for the device)")
+    p.add_argument("--pipeline", action="store_true", help="also time the whole 50%% prune of SmolLM2 (minutes)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.md"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -161,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         *profile_apt(*shapes[-1], "0.5", device),
         "",
     ]
+    if args.pipeline:
+        out += ["## Whole prune: sparsegpt against apt", "", *bench_pipeline(device), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(out))
     print("\n".join(out))
