@@ -108,8 +108,9 @@ def joint_coefficients(W1: torch.Tensor, V: torch.Tensor, P: torch.Tensor, chunk
         # A stable sort puts each row's pruned columns first, in increasing order.
         idx = torch.argsort((~P[rr]).to(torch.int8), dim=1, stable=True)[:, :k]
         valid = torch.arange(k, device=W1.device)[None, :] < count[rr][:, None]
-        M = torch.where(valid[:, :, None] & valid[:, None, :], G[idx[:, :, None], idx[:, None, :]],
-                        torch.eye(k, dtype=W1.dtype, device=W1.device))
+        # G[idx_i, idx_j] per row, as two plain gathers (one advanced index over both is 5x slower on CPU).
+        Gk = torch.gather(G.index_select(0, idx.reshape(-1)).view(len(rr), k, b), 2, idx[:, None, :].expand(-1, k, k))
+        M = torch.where(valid[:, :, None] & valid[:, None, :], Gk, torch.eye(k, dtype=W1.dtype, device=W1.device))
         rhs = W1[rr].gather(1, idx) * valid
         x = torch.cholesky_solve(rhs[:, :, None], torch.linalg.cholesky(M))[:, :, 0] * valid
         A[rr] = torch.zeros(len(rr), b, dtype=W1.dtype, device=W1.device).scatter_(1, idx, x) @ V.t()
