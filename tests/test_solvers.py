@@ -132,3 +132,20 @@ def test_apt_default_early_stop_costs_under_a_thousandth_of_the_error(spec, devi
     assert torch.equal(fast.mask, exact.mask)
     e_fast, e_exact = layer_error(W, fast.weight, H)[0], layer_error(W, exact.weight, H)[0]
     assert e_exact * (1 - 1e-5) <= e_fast <= e_exact * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("shift", [0.0, -0.5])
+def test_inverse_factor_leaves_H_alone_and_inverts_the_damped_H(shift, device):
+    """U^T U = (H + extra I)^-1, with extra > 0 only when H needed more damping; H is not written to."""
+    from apt_viz.hessian import inverse_factor
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(64, 200, generator=g, dtype=torch.float64)
+    H = ((X @ X.T) / 200 + torch.eye(64, dtype=torch.float64) * (0.1 + shift)).float().to(device)
+    before = H.clone()
+    U, extra = inverse_factor(H)
+    assert torch.equal(H, before)
+    assert (extra > 0) == (shift < 0)
+    assert torch.equal(U, torch.triu(U))
+    want = torch.linalg.inv(H.double() + extra * torch.eye(64, dtype=torch.float64, device=device))
+    torch.testing.assert_close((U.t() @ U).double(), want, rtol=1e-3, atol=1e-4)
