@@ -151,7 +151,8 @@ def bench_pipeline(device: torch.device, methods=("sparsegpt", "apt"), nsamples:
         pruner = Pruner(model, device=device)
         sync(device)
         t0 = time.perf_counter()
-        results = pruner.run(calib, PruningPlan(method=method, sparsity=0.5), progress=False)
+        # A copy: restore() empties the pruner's own results.
+        results = dict(pruner.run(calib, PruningPlan(method=method, sparsity=0.5), progress=False))
         sync(device)
         total = time.perf_counter() - t0
         pruner.restore()
