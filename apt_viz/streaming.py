@@ -75,6 +75,8 @@ def prune_streaming(
     pruned and run on its own device, and the activations follow it. With ``resume`` (default), a
     previous run into ``output`` with the same source, calibration and plan continues from its last
     finished block. ``output`` loads with ``from_pretrained`` once the run has finished.
+    On glibc this sets the process-wide mmap threshold (:mod:`apt_viz.allocator`), which keeps the
+    resident memory flat from block to block.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
