@@ -116,7 +116,7 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     pruned, W_seq = select_mask(W, U, s, 128)
     sync(device)
     t2 = time.perf_counter()
-    _, iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=1e-4)
+    iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=1e-4).iters
     sync(device)
     t3 = time.perf_counter()
     total = t3 - t0

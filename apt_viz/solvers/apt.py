@@ -51,17 +51,19 @@ def prune_apt(
     if extra:
         H.diagonal().add_(extra)
     pruned, W_seq = select_mask(W, U, spec, blocksize)
+    err = None
     if final_refit:
         Hinv = U.t() @ U
         if refit_solver == "pcg":
-            W_new = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=refit_rtol)[0]
+            W_new, _, err = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=refit_rtol)
         else:
             W_new = refit(W, H, ~pruned, Hinv=Hinv)
     else:
         W_new = W_seq
-    D = W_new - W
-    loss = 0.5 * float(((D @ H) * D).sum())
-    return SolverResult(W_new, ~pruned, loss, damp + extra)
+    if err is None:
+        D = W_new - W
+        err = float(((D @ H) * D).sum())
+    return SolverResult(W_new, ~pruned, 0.5 * err, damp + extra)
 
 
 def select_mask(W: torch.Tensor, U: torch.Tensor, spec: Sparsity, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,25 +90,28 @@ def select_mask(W: torch.Tensor, U: torch.Tensor, spec: Sparsity, blocksize: int
     return pruned, W
 
 
-def joint_coefficients(W1: torch.Tensor, V: torch.Tensor, P: torch.Tensor, chunk_rows: int = 64) -> torch.Tensor:
+def joint_coefficients(W1: torch.Tensor, V: torch.Tensor, P: torch.Tensor, max_batch: int = 1 << 18) -> torch.Tensor:
     """Per row, ``a = w_P (V_P^T V_P)^-1 V_P^T``: the joint update of the block is ``-a V``.
 
     Each row's ``|P| x |P|`` system is gathered into a batch padded with identity rows to the
-    largest ``|P|`` of its chunk; rows are chunked in order of ``|P|``, so the padding stays small
-    (batched Cholesky costs ``k^3`` per row, and ``|P|`` is about half the block at 50%).
+    largest ``|P|`` of its chunk; rows are chunked in order of ``|P|``, so the padding stays small.
+    A chunk holds about ``max_batch`` matrix entries: small systems go in few large batches, since
+    per-call overhead, not the ``k^3`` of the batched Cholesky, dominates them.
     """
     rows, b = W1.shape
     G = V.t() @ V
     A = torch.zeros_like(W1)
     count = P.sum(1)
     by_size = torch.argsort(count)
-    for c0 in range(0, rows, chunk_rows):
-        rr = by_size[c0 : c0 + chunk_rows]
+    chunk = max(1, max_batch // max(1, int(count.max()) ** 2))
+    # A stable sort puts each row's pruned columns first, in increasing order.
+    order = torch.argsort((~P).to(torch.int8), dim=1, stable=True)
+    for c0 in range(0, rows, chunk):
+        rr = by_size[c0 : c0 + chunk]
         k = int(count[rr].max())
         if k == 0:
             continue
-        # A stable sort puts each row's pruned columns first, in increasing order.
-        idx = torch.argsort((~P[rr]).to(torch.int8), dim=1, stable=True)[:, :k]
+        idx = order[rr, :k]
         valid = torch.arange(k, device=W1.device)[None, :] < count[rr][:, None]
         # G[idx_i, idx_j] per row, as two plain gathers (one advanced index over both is 5x slower on CPU).
         Gk = torch.gather(G.index_select(0, idx.reshape(-1)).view(len(rr), k, b), 2, idx[:, None, :].expand(-1, k, k))
