@@ -31,7 +31,8 @@ def sparsify_weight(
     """Prune one weight matrix ``W`` (out x in) given its Hessian ``H`` (in x in).
 
     ``options`` (``blocksize``, ``percdamp``, and ``refit_solver``/``refit_rtol`` for apt) reach the
-    methods that use them and are ignored by the others. Sparsity 0 returns ``W`` unchanged.
+    methods that use them and are ignored by the others; ``None`` keeps the method's default.
+    Sparsity 0 returns ``W`` unchanged.
     """
     spec = Sparsity.parse(sparsity)
     if method not in SOLVERS:
@@ -39,7 +40,7 @@ def sparsify_weight(
     if spec.fraction == 0:
         return SolverResult(W.to(torch.float32).clone(), torch.ones_like(W, dtype=torch.bool), 0.0)
     allowed = _SOLVER_OPTIONS.get(method, ())
-    kwargs = {k: v for k, v in options.items() if k in allowed}
+    kwargs = {k: v for k, v in options.items() if k in allowed and v is not None}
     return SOLVERS[method](W, H.to(W.device), spec, **kwargs)
 
 

@@ -30,7 +30,7 @@ def prune_apt(
     H: torch.Tensor,
     spec: Sparsity,
     *,
-    blocksize: int = 128,
+    blocksize: int = 32,
     percdamp: float = 0.01,
     final_refit: bool = True,
     refit_solver: str = "pcg",
@@ -38,6 +38,9 @@ def prune_apt(
 ) -> SolverResult:
     """Prune ``W`` (out x in) against ``H`` with APT; returns the updated weight and mask.
 
+    ``blocksize``: columns whose mask is chosen, and updated jointly, at once. On SmolLM2 layers 32
+    gave lower errors after the re-fit than 128 (the mask adapts to more updated weights) and ran
+    faster (the joint solves cost ``|P|^3`` per row); 8 and 16 were no better.
     ``refit_solver``: ``"pcg"`` (matmuls, warm-started from the block-joint weights) or
     ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same least-squares optimum.
     ``refit_rtol``: PCG stops once an iteration lowers the layer error by less than this fraction
