@@ -29,13 +29,15 @@ import torch
 
 from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
 from apt_viz.hessian import inverse_factor, prepare
-from apt_viz.solvers.apt import select_mask
+from apt_viz.solvers.apt import BLOCKSIZE, select_mask
 from apt_viz.solvers.refit import refit_pcg
 
 CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
 GPU_SHAPES = CPU_SHAPES + [(4096, 4096), (4096, 11008)]
 QUICK_SHAPES = [(64, 128), (128, 64)]
-METHODS = ["magnitude", "wanda", "sparsegpt", "apt"]
+# (label, method, solver options): APT with and without its final exact re-fit.
+VARIANTS = [("magnitude", "magnitude", {}), ("wanda", "wanda", {}), ("sparsegpt", "sparsegpt", {}),
+            ("apt (no re-fit)", "apt", {"final_refit": False}), ("apt", "apt", {})]
 
 
 def sync(device: torch.device) -> None:
@@ -82,11 +84,10 @@ def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
         limit = (cols**3 + 2 * rows * cols**2) / peak
         for spec in specs:
             times = {}
-            for m in METHODS:
-                t, res = timed(lambda: sparsify_weight(W, H, spec, m), device, repeats)
-                times[m] = (t, layer_error(W, res.weight, H)[1])
-            for m in METHODS:
-                t, err = times[m]
+            for label, m, opts in VARIANTS:
+                t, res = timed(lambda: sparsify_weight(W, H, spec, m, **opts), device, repeats)
+                times[label] = (t, layer_error(W, res.weight, H)[1])
+            for m, (t, err) in times.items():
                 lines.append(f"| {cols} x {rows} | {spec} | {m} | {t:.3f} | {t / times['sparsegpt'][0]:.2f} | {t / limit:.1f} | {err:.5f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return lines
@@ -113,7 +114,7 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     Hinv = U.t() @ U
     sync(device)
     t1 = time.perf_counter()
-    pruned, W_seq = select_mask(W, U, s, 128)
+    pruned, W_seq = select_mask(W, U, s, BLOCKSIZE)
     sync(device)
     t2 = time.perf_counter()
     iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=1e-4).iters
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", nargs="*", default=None, help="in x out pairs such as 576x1536 (default: all for the device)")
     p.add_argument("--pipeline", action="store_true", help="also time the whole 50%% prune of SmolLM2 (minutes)")
+    p.add_argument("--pipeline-only", action="store_true", help="time only the whole prune, not single layers")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.md"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -190,20 +192,23 @@ def main(argv: list[str] | None = None) -> None:
         f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up.",
         "Limit = (in^3 + 2 out in^2) flops at that peak: the inverse plus one update pass.",
         "",
-        "## Solvers",
-        "",
-        *bench_solvers(shapes, ["0.5", "2:4"], device, args.repeats, peak),
-        "",
-        "## Hessian accumulation",
-        "",
-        *bench_hessian(sorted({c for c, _ in shapes}), device, peak),
-        "",
-        "## Where APT's time goes",
-        "",
-        *profile_apt(*shapes[-1], "0.5", device),
-        "",
     ]
-    if args.pipeline:
+    if not args.pipeline_only:
+        out += [
+            "## Solvers",
+            "",
+            *bench_solvers(shapes, ["0.5", "2:4"], device, args.repeats, peak),
+            "",
+            "## Hessian accumulation",
+            "",
+            *bench_hessian(sorted({c for c, _ in shapes}), device, peak),
+            "",
+            "## Where APT's time goes",
+            "",
+            *profile_apt(*shapes[-1], "0.5", device),
+            "",
+        ]
+    if args.pipeline or args.pipeline_only:
         out += ["## Whole prune: sparsegpt against apt", "", *bench_pipeline(device), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -17,10 +18,11 @@ def test_speed_quick_writes_every_method_and_pattern(tmp_path):
     out = tmp_path / "speed.md"
     _load("speed").main(["--quick", "--repeats", "1", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 x 128") or line.startswith("| 128 x 64")]
-    # 2 shapes x 2 patterns x 4 methods, each with a finite error.
-    assert len(rows) == 16
-    for method in ("magnitude", "wanda", "sparsegpt", "apt"):
+    # 2 shapes x 2 patterns x 5 solvers, each with a finite error.
+    assert len(rows) == 20
+    for method in ("magnitude", "wanda", "sparsegpt", "apt (no re-fit)", "apt"):
         assert sum(f"| {method} |" in r for r in rows) == 4
+    assert all(math.isfinite(float(r.split("|")[-2])) for r in rows)
     assert "fraction of matmul peak" in out.read_text() and "exact re-fit (PCG" in out.read_text()
 
 def test_memory_quick_records_peak_rss(tmp_path):

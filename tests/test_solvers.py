@@ -169,3 +169,14 @@ def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, device):
         torch.testing.assert_close(A[r].double(), ref.double(), rtol=1e-4, atol=1e-4)
     # The update zeroes exactly the pruned entries of the block.
     assert torch.allclose((W1 - A @ V)[P], torch.zeros(int(P.sum())), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_apt_refit_only_lowers_the_error_of_the_block_joint_weights(spec, device):
+    """final_refit=False keeps the same mask; the re-fit is that mask's optimum, so its error is lower."""
+    W, X, H = layer(10, device=device)
+    joint = sparsify_weight(W, H, spec, "apt", final_refit=False)
+    full = sparsify_weight(W, H, spec, "apt")
+    assert torch.equal(joint.mask, full.mask)
+    assert torch.equal(joint.weight != 0, joint.mask)
+    assert layer_error(W, full.weight, H)[0] < layer_error(W, joint.weight, H)[0]
