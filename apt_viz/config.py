@@ -97,8 +97,7 @@ class PruningPlan:
 
     Layer names are the model's module names (``model.layers.3.self_attn.q_proj``); ``include``,
     ``exclude`` and the keys of ``overrides`` are shell-style globs over them (``*.mlp.*``). A later
-    override wins over an earlier one. ``blocksize`` is the column block of sparsegpt and apt;
-    ``None`` keeps each method's default (128 for sparsegpt, as in its paper; 32 for apt).
+    override wins over an earlier one.
     """
 
     method: str = "apt"
@@ -107,7 +106,7 @@ class PruningPlan:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
-    blocksize: int | None = None
+    blocksize: int = 128
     percdamp: float = 0.01
     sequential: bool = False
 
@@ -125,8 +124,8 @@ class PruningPlan:
             globs = getattr(self, name)
             if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
                 raise PlanError(f"{name} must be a list of name globs, e.g. ['*.mlp.*'], got {globs!r}")
-        if self.blocksize is not None and (not isinstance(self.blocksize, int) or self.blocksize < 1):
-            raise PlanError(f"blocksize must be a positive integer (or None for each method's default), got {self.blocksize!r}")
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise PlanError(f"blocksize must be a positive integer, got {self.blocksize!r}")
         if not isinstance(self.percdamp, (int, float)) or not 0 <= self.percdamp < 1:
             raise PlanError(f"percdamp must be in [0, 1) (0.01 is usual), got {self.percdamp!r}")
         for glob, ov in self.overrides.items():
@@ -192,7 +191,7 @@ def _check_method(method: str) -> None:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "sparsity": (int, float), "pattern": (str,), "include": (list,), "exclude": (list,),
-    "overrides": (dict,), "blocksize": (int, type(None)), "percdamp": (int, float), "sequential": (bool,),
+    "overrides": (dict,), "blocksize": (int,), "percdamp": (int, float), "sequential": (bool,),
 }
 
 

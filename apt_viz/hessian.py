@@ -57,12 +57,27 @@ def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, f
     ``(H_FF)^-1 = U_FF^T U_FF``. If ``H`` is not numerically positive definite, damping is raised
     tenfold per try (starting from 1% of the mean diagonal); the extra damping is returned.
     """
+    U, extra, _ = _factor(H, max_tries, keep_inverse=False)
+    return U, extra
+
+
+def inverse_and_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(H^-1, U, extra)``: :func:`inverse_factor` that also keeps the inverse it factors.
+
+    For solvers that need both: rebuilding ``H^-1`` as ``U^T U`` would cost another ``2 n^3`` flops.
+    """
+    U, extra, Hinv = _factor(H, max_tries, keep_inverse=True)
+    return Hinv, U, extra
+
+
+def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     extra = 0.0
     mean_diag = float(torch.mean(torch.diag(H)))
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(max_tries + 1):
         # Both factorizations run in place and as upper factors: for a row-major matrix that is
-        # LAPACK's own layout, so no temporary copy is made. Peak: H plus two n x n matrices.
+        # LAPACK's own layout, so no temporary copy is made. Peak: H plus two n x n matrices
+        # (three when the inverse is kept).
         F = H.clone()
         if extra:
             F.diagonal().add_(extra)
@@ -70,10 +85,11 @@ def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, f
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(F, upper=True)
             del F
-            torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info))
-            if int(info) == 0 and torch.isfinite(Hinv).all():
-                return Hinv, extra
-            del Hinv
+            U = Hinv.clone() if keep_inverse else Hinv
+            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, extra, (Hinv if keep_inverse else None)
+            del U, Hinv
         else:
             del F
         extra = mean_diag * 0.01 * (10**attempt)

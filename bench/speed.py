@@ -29,7 +29,7 @@ import torch
 
 from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
 from apt_viz.hessian import inverse_factor, prepare
-from apt_viz.solvers.apt import BLOCKSIZE, select_mask
+from apt_viz.solvers.apt import select_mask
 from apt_viz.solvers.refit import refit_pcg
 
 CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
@@ -114,7 +114,7 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     Hinv = U.t() @ U
     sync(device)
     t1 = time.perf_counter()
-    pruned, W_seq = select_mask(W, U, s, BLOCKSIZE)
+    pruned, W_seq = select_mask(W, U, s, 128)
     sync(device)
     t2 = time.perf_counter()
     iters = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=1e-4).iters

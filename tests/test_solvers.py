@@ -137,7 +137,7 @@ def test_apt_default_early_stop_costs_under_a_thousandth_of_the_error(spec, devi
 @pytest.mark.parametrize("shift", [0.0, -0.5])
 def test_inverse_factor_leaves_H_alone_and_inverts_the_damped_H(shift, device):
     """U^T U = (H + extra I)^-1, with extra > 0 only when H needed more damping; H is not written to."""
-    from apt_viz.hessian import inverse_factor
+    from apt_viz.hessian import inverse_and_factor, inverse_factor
 
     g = torch.Generator().manual_seed(5)
     X = torch.randn(64, 200, generator=g, dtype=torch.float64)
@@ -149,6 +149,10 @@ def test_inverse_factor_leaves_H_alone_and_inverts_the_damped_H(shift, device):
     assert torch.equal(U, torch.triu(U))
     want = torch.linalg.inv(H.double() + extra * torch.eye(64, dtype=torch.float64, device=device))
     torch.testing.assert_close((U.t() @ U).double(), want, rtol=1e-3, atol=1e-4)
+    # The variant that keeps the inverse gives the same factor and damping, and that inverse.
+    Hinv, U2, extra2 = inverse_and_factor(H)
+    assert torch.equal(U2, U) and extra2 == extra and torch.equal(H, before)
+    torch.testing.assert_close(Hinv.double(), want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("max_batch", [1 << 18, 50])
@@ -180,3 +184,15 @@ def test_apt_refit_only_lowers_the_error_of_the_block_joint_weights(spec, device
     assert torch.equal(joint.mask, full.mask)
     assert torch.equal(joint.weight != 0, joint.mask)
     assert layer_error(W, full.weight, H)[0] < layer_error(W, joint.weight, H)[0]
+
+
+@pytest.mark.parametrize("spec", ["0.5", "0.7"])
+def test_apt_beats_sparsegpt_when_outlier_inputs_are_adjacent(spec, device):
+    """Outlier input features in adjacent columns: APT's mask must still avoid them, as SparseGPT's does."""
+    W, X, H = layer(11, rows=64, cols=256, device=device)
+    X = X.clone()
+    X[:24] *= 20
+    H = 2 / X.shape[1] * X @ X.T
+    e_apt = layer_error(W, sparsify_weight(W, H, spec, "apt").weight, H)[0]
+    e_sgpt = layer_error(W, sparsify_weight(W, H, spec, "sparsegpt").weight, H)[0]
+    assert e_apt <= e_sgpt

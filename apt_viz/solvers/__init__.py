@@ -22,7 +22,7 @@ SOLVERS: dict[str, Callable[..., SolverResult]] = {
 }
 assert tuple(SOLVERS) == METHODS
 
-_SOLVER_OPTIONS = {"sparsegpt": ("blocksize", "percdamp"), "apt": ("blocksize", "percdamp", "final_refit", "refit_solver", "refit_rtol")}
+_SOLVER_OPTIONS = {"sparsegpt": ("blocksize", "percdamp"), "apt": ("blocksize", "joint_block", "percdamp", "final_refit", "refit_solver", "refit_rtol")}
 
 
 def sparsify_weight(
@@ -30,9 +30,9 @@ def sparsify_weight(
 ) -> SolverResult:
     """Prune one weight matrix ``W`` (out x in) given its Hessian ``H`` (in x in).
 
-    ``options`` (``blocksize``, ``percdamp``, and ``final_refit``/``refit_solver``/``refit_rtol`` for apt) reach the
-    methods that use them and are ignored by the others; ``None`` keeps the method's default.
-    Sparsity 0 returns ``W`` unchanged.
+    ``options`` (``blocksize``, ``percdamp``, and for apt ``joint_block``, ``final_refit``,
+    ``refit_solver``, ``refit_rtol``) reach the methods that use them and are ignored by the others;
+    ``None`` keeps the method's default. Sparsity 0 returns ``W`` unchanged.
     """
     spec = Sparsity.parse(sparsity)
     if method not in SOLVERS:
