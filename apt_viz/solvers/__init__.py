@@ -22,7 +22,10 @@ SOLVERS: dict[str, Callable[..., SolverResult]] = {
 }
 assert tuple(SOLVERS) == METHODS
 
-_SOLVER_OPTIONS = {"sparsegpt": ("blocksize", "percdamp"), "apt": ("blocksize", "joint_block", "percdamp", "final_refit", "refit_solver", "refit_rtol")}
+_SOLVER_OPTIONS = {
+    "sparsegpt": ("blocksize", "percdamp"),
+    "apt": ("blocksize", "joint_block", "percdamp", "final_refit", "refit_solver", "refit_rtol"),
+}
 
 
 def sparsify_weight(

@@ -9,8 +9,9 @@ gets its pruned set from SparseGPT's score on the current weights. The set is th
 sub-blocks of ``joint_block`` columns (or one N:M group at a time), each sub-block's weights jointly
 against the trailing inverse Hessian ``U_FF^T U_FF`` instead of one column at a time. With
 ``V = U[sub, sub]`` the trailing inverse restricted to the sub-block is ``V^T V``, so the joint
-update of a row is ``dw_F = -a U[sub, F]`` with ``a = w_P (V_P^T V_P)^-1 V_P^T``. N:M groups pick, for every row, the N-subset with the smallest
-group-local joint loss among all C(M, N). The chosen mask is then re-fitted exactly, row by row.
+update of a row is ``dw_F = -a U[sub, F]`` with ``a = w_P (V_P^T V_P)^-1 V_P^T``. N:M groups pick,
+for every row, the N-subset with the smallest group-local joint loss among all C(M, N). The chosen
+mask is then re-fitted exactly, row by row.
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ def refit_pcg(
     direct solution), where a diagonal preconditioner is still 1e-5 above the optimum's error after 40.
     ``x0`` (e.g. APT's sequential weights) warms the start.
 
-    Iterations stop when every row's preconditioned residual is below ``tol`` times the row's scale
-    ``sum_j w_j^2 H_jj`` (the diagonal part of ``w H w^T``, which costs no matmul), or, with
+    Iterations stop when every row's preconditioned residual ``r z^T`` is below ``tol^2`` times the
+    row's scale ``sum_j w_j^2 H_jj`` (the diagonal part of ``w H w^T``, which costs no matmul), or, with
     ``error_rtol > 0``, as soon as one iteration lowered the layer error by less than ``error_rtol``
     times its current value: CG lowers that error monotonically, and the last few digits of the
     optimum cost most iterations. Setup costs two matmuls, each iteration two.
