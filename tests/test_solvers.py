@@ -196,3 +196,22 @@ def test_apt_beats_sparsegpt_when_outlier_inputs_are_adjacent(spec, device):
     e_apt = layer_error(W, sparsify_weight(W, H, spec, "apt").weight, H)[0]
     e_sgpt = layer_error(W, sparsify_weight(W, H, spec, "sparsegpt").weight, H)[0]
     assert e_apt <= e_sgpt
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4", "0.7"])
+@pytest.mark.parametrize("rtol", [1e-2, 1e-3])
+def test_pcg_error_rtol_certifies_the_error_and_reports_it_exactly(spec, rtol, device):
+    """The certified stop: the error is within ``rtol`` of the optimum's, and is the weight's own."""
+    W, X, H = layer(10, rows=40, cols=256, n=1024, device=device)
+    keep = sparsify_weight(W, H, spec, "wanda").mask
+    Wp, Hd, damp = prepare(W, H, 0.01)
+    Hinv = torch.linalg.inv(Hd.double()).float()
+    res = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=rtol)
+    exact = refit_pcg(Wp, Hd, keep, Hinv, tol=0.0, max_iters=400)
+    e_opt = layer_error(Wp, refit(Wp, Hd, keep, Hinv=Hinv), Hd)[0]
+    e_got = layer_error(Wp, res.weight, Hd)[0]
+    assert torch.all(res.weight[~keep] == 0)
+    assert e_opt * (1 - 1e-5) <= e_got <= e_opt * (1 + rtol)
+    assert res.error == pytest.approx(e_got, rel=1e-4)
+    # The stop saves iterations over running to convergence.
+    assert res.iters < exact.iters

@@ -51,11 +51,11 @@ def prune_apt(
     outlier inputs sit in adjacent columns: each small block must then prune them.)
     ``final_refit``: re-fit the chosen mask exactly (the default). Without it the weights are the
     block-joint updates alone, the paper's algorithm: about SparseGPT's time, with a slightly lower
-    error; the re-fit costs 2-3x more time and lowers the error by about a fifth.
-    ``refit_solver``: ``"pcg"`` (matmuls, warm-started from the block-joint weights) or
-    ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same least-squares optimum.
-    ``refit_rtol``: PCG stops once an iteration lowers the layer error by less than this fraction
-    (1e-4 matches the optimum's error to about 5 digits in half the iterations; 0 runs to ``tol``).
+    error; the re-fit lowers the error by about a fifth.
+    ``refit_solver``: ``"pcg"`` (conjugate gradients on the pruned form, one matmul per
+    iteration) or ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same
+    least-squares optimum. ``refit_rtol``: PCG stops once the layer error is certified within this
+    fraction of the optimum's (0 runs to the residual tolerance instead).
     """
     if refit_solver not in ("pcg", "direct"):
         raise ValueError(f"refit_solver must be 'pcg' or 'direct', got {refit_solver!r}")
@@ -70,7 +70,7 @@ def prune_apt(
     err = None
     if final_refit:
         if refit_solver == "pcg":
-            W_new, _, err = refit_pcg(W, H, ~pruned, Hinv, x0=W_seq, error_rtol=refit_rtol)
+            W_new, _, err = refit_pcg(W, H, ~pruned, Hinv, error_rtol=refit_rtol)
         else:
             W_new = refit(W, H, ~pruned, Hinv=Hinv)
     else:
