@@ -215,3 +215,18 @@ def test_pcg_error_rtol_certifies_the_error_and_reports_it_exactly(spec, rtol, d
     assert res.error == pytest.approx(e_got, rel=1e-4)
     # The stop saves iterations over running to convergence.
     assert res.iters < exact.iters
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 100, 199, 200])
+def test_lowest_picks_exactly_k_smallest_with_ties_by_index(k, device):
+    """The k-th value threshold keeps exactly k entries; among equal scores the lowest index goes first."""
+    from apt_viz.solvers.masks import lowest
+
+    g = torch.Generator().manual_seed(11)
+    score = torch.randint(0, 7, (10, 20), generator=g).float().to(device)  # many ties
+    mask = lowest(score, k)
+    assert int(mask.sum()) == k
+    # Reference: a stable sort by (score, flat index).
+    ref = torch.zeros(200, dtype=torch.bool)
+    ref[torch.sort(score.flatten().cpu(), stable=True).indices[:k]] = True
+    assert torch.equal(mask.flatten().cpu(), ref)
