@@ -123,7 +123,6 @@ def refit_pcg(
     tiny = torch.finfo(torch.float32).tiny
     hdiag = torch.diagonal(H)
     s = Wf * P
-    a = torch.zeros_like(Wf)
     aHinv = torch.zeros_like(Wf)
     z = precondition(s)
     p = z.clone()
@@ -133,9 +132,9 @@ def refit_pcg(
     it = 0
     while it < max_iters and bool((rz > stop).any()):
         t = p @ Hinv
-        # Converged rows have p ~ 0: guard the division instead of dropping them from the batch.
-        alpha = rz / (p * t * P).sum(1, keepdim=True).clamp_min(tiny)
-        a.addcmul_(alpha, p)
+        # p lives on P, so p t^T is p Hinv_PP p^T. Converged rows have p ~ 0: guard the division
+        # instead of dropping them from the batch.
+        alpha = rz / (p * t).sum(1, keepdim=True).clamp_min(tiny)
         aHinv.addcmul_(alpha, t)
         s.addcmul_(alpha, t.mul_(P), value=-1.0)
         it += 1
@@ -156,5 +155,5 @@ def refit_pcg(
         rz = rz_new
     if sH is None:
         sH = s @ H
-    err = float((a * (Wf * P + s)).sum()) + float((sH * s).sum())
+    err = bound + float((sH * s).sum())
     return PCGResult(aHinv.neg_().add_(Wf).mul_(1.0 - P), it, max(err, 0.0))
