@@ -102,8 +102,8 @@ def refit_pcg(
     the optimum's error, and the weight's error exceeds that bound by exactly ``s H s^T``. With
     ``error_rtol > 0`` iterations stop once that gap is below ``error_rtol`` times the bound, which
     certifies the error within ``error_rtol`` of the optimum's. The gap costs a matmul, so it is
-    computed only when its diagonal estimate ``sum_j s_j^2 H_jj`` (scaled by the last measured
-    ratio) says it may pass; that matmul also gives the returned error. Otherwise iterations stop
+    computed only when the preconditioned residual ``s z^T``, scaled by the last measured ratio
+    of the two, says it may pass; that matmul also gives the returned error. Otherwise iterations stop
     when every row's preconditioned residual ``s z^T`` is below ``tol^2`` times its scale
     ``sum_j w_j^2 H_jj``.
     """
@@ -114,46 +114,57 @@ def refit_pcg(
     # (Hinv_bb)^-1 is the Schur complement of H on the block: SPD, and cheap at block width.
     prec = [torch.cholesky_inverse(torch.linalg.cholesky(Hinv[i:j, i:j])) for i, j in blocks]
 
-    def precondition(s: torch.Tensor) -> torch.Tensor:
-        z = torch.empty_like(s)
+    def precondition(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for (i, j), B in zip(blocks, prec):
-            torch.mm(s[:, i:j], B, out=z[:, i:j])
-        return z.mul_(P)
+            torch.mm(s[:, i:j], B, out=out[:, i:j])
+        # A float mask multiplies several times faster than masked_fill with a bool one on CPU.
+        return out.mul_(P)
 
     tiny = torch.finfo(torch.float32).tiny
     hdiag = torch.diagonal(H)
     s = Wf * P
     aHinv = torch.zeros_like(Wf)
-    z = precondition(s)
+    t = torch.empty_like(Wf)
+    z = precondition(s, torch.empty_like(Wf))
     p = z.clone()
-    rz = (s * z).sum(1, keepdim=True)
+    rz = _rowdot(s, z)
     stop = tol**2 * ((Wf * Wf) @ hdiag[:, None]).clamp_min(tiny)
     bound, ratio, sH = 0.0, 1.0, None
     it = 0
     while it < max_iters and bool((rz > stop).any()):
-        t = p @ Hinv
+        torch.mm(p, Hinv, out=t)
         # p lives on P, so p t^T is p Hinv_PP p^T. Converged rows have p ~ 0: guard the division
         # instead of dropping them from the batch.
-        alpha = rz / (p * t).sum(1, keepdim=True).clamp_min(tiny)
+        alpha = rz / _rowdot(p, t).clamp_min(tiny)
         aHinv.addcmul_(alpha, t)
         s.addcmul_(alpha, t.mul_(P), value=-1.0)
         it += 1
         # A CG step along p raises the dual bound by exactly alpha * s z^T.
         bound += float((alpha * rz).sum())
-        if error_rtol > 0:
-            estimate = float(((s * s) @ hdiag).sum())
-            if ratio * estimate <= error_rtol * bound:
-                sH = s @ H
-                gap = float((sH * s).sum())
-                if gap <= error_rtol * bound:
-                    break
-                ratio = gap / max(estimate, tiny)
-                sH = None
-        z = precondition(s)
-        rz_new = (s * z).sum(1, keepdim=True)
-        p.mul_(rz_new / rz.clamp_min(tiny)).add_(z)
+        z = precondition(s, z)
+        rz_new = _rowdot(s, z)
+        # s z^T tracks the gap s H s^T up to a factor that drifts slowly; the factor is re-measured
+        # at every check, so a check that fails costs one matmul and sharpens the next estimate.
+        if error_rtol > 0 and ratio * float(rz_new.sum()) <= error_rtol * bound:
+            sH = s @ H
+            gap = float(_rowdot(sH, s).sum())
+            if gap <= error_rtol * bound:
+                break
+            ratio = gap / max(float(rz_new.sum()), tiny)
+            sH = None
+        # p <- z + beta p, written into z's buffer; the old p becomes the next z's buffer.
+        z.addcmul_(p, rz_new / rz.clamp_min(tiny))
+        p, z = z, p
         rz = rz_new
     if sH is None:
         sH = s @ H
-    err = bound + float((sH * s).sum())
+    err = bound + float(_rowdot(sH, s).sum())
     return PCGResult(aHinv.neg_().add_(Wf).mul_(1.0 - P), it, max(err, 0.0))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products, as a column."""
+    if a.numel() < 1 << 22:
+        return (a * b).sum(1, keepdim=True)
+    # Past the cache the ``a * b`` temporary costs a memory pass; einsum skips it (3x faster on CPU).
+    return torch.einsum("ij,ij->i", a, b)[:, None]
