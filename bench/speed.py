@@ -35,6 +35,7 @@ from apt_viz.solvers.refit import refit_pcg
 CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
 GPU_SHAPES = CPU_SHAPES + [(4096, 4096), (4096, 11008)]
 QUICK_SHAPES = [(64, 128), (128, 64)]
+REAL_LAYERS = [f"model.layers.{b}.{n}" for b in (5, 15) for n in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
 # (label, method, solver options): APT with and without its final exact re-fit.
 VARIANTS = [("magnitude", "magnitude", {}), ("wanda", "wanda", {}), ("sparsegpt", "sparsegpt", {}),
             ("apt (no re-fit)", "apt", {"final_refit": False}), ("apt", "apt", {})]
@@ -132,6 +133,65 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     ]
 
 
+def real_layers(device: torch.device, names=REAL_LAYERS, nsamples: int = 16, seqlen: int = 512) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Weights and Hessians of some SmolLM2 layers, from the dense model on WikiText-2 valid."""
+    from apt_viz.capture import Stop
+    from apt_viz.data import shared_data_path
+    from apt_viz.models import load_model
+    from apt_viz.pipeline import calibration_ids
+
+    calib_path = shared_data_path("wikitext-2/valid.txt")
+    if calib_path is None:
+        raise SystemExit("../shared/data/wikitext-2/valid.txt is missing: the real-layer section calibrates on it")
+    model, tok = load_model("smollm2-135m", device=device)
+    calib = calibration_ids(tok, calib_path, nsamples, seqlen, 0)
+    mods = {n: model.get_submodule(n) for n in names}
+    hess: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in names}
+
+    def record(name: str):
+        def hook(mod, inp, out) -> None:
+            hess[name] = accumulate_hessian(*hess[name], inp[0])
+        return hook
+
+    def stop(mod, inp, out) -> None:
+        raise Stop
+
+    # The forward ends after the deepest block that holds a wanted layer.
+    last = max(int(n.split(".")[2]) for n in names)
+    handles = [m.register_forward_hook(record(n)) for n, m in mods.items()]
+    handles.append(model.get_submodule(f"model.layers.{last}").register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            for window in calib:
+                try:
+                    model(window[None].to(device))
+                except Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, mods[n].weight.detach().to(torch.float32).clone(), hess[n][0]) for n in names]
+
+
+def bench_real(device: torch.device, repeats: int) -> list[str]:
+    """SparseGPT against APT on real SmolLM2 layers, whose Hessians the re-fit finds easier."""
+    lines = ["| layer | in x out | pattern | method | median s | x sparsegpt | rel. error |", "|---|---|---|---|---|---|---|"]
+    for name, W, H in real_layers(device):
+        W, H = W.to(device), H.to(device)
+        for spec in ["0.5", "2:4"]:
+            times = {}
+            for label, m, opts in VARIANTS:
+                if m in ("magnitude", "wanda"):
+                    continue
+                t, res = timed(lambda: sparsify_weight(W, H, spec, m, **opts), device, repeats)
+                times[label] = (t, layer_error(W, res.weight, H)[1])
+            short = name.removeprefix("model.layers.")
+            for m, (t, err) in times.items():
+                lines.append(f"| {short} | {W.shape[1]} x {W.shape[0]} | {spec} | {m} | {t:.3f} | {t / times['sparsegpt'][0]:.2f} | {err:.5f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def bench_pipeline(device: torch.device, methods=("sparsegpt", "apt"), nsamples: int = 32, seqlen: int = 512) -> list[str]:
     """Whole prune of the offline SmolLM2 at 50% per method, and where its time goes."""
     from apt_viz import Pruner, PruningPlan
@@ -175,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", nargs="*", default=None, help="in x out pairs such as 576x1536 (default: all for the device)")
     p.add_argument("--pipeline", action="store_true", help="also time the whole 50%% prune of SmolLM2 (minutes)")
+    p.add_argument("--real", action="store_true", help="also time real SmolLM2 layers (the offline model)")
     p.add_argument("--pipeline-only", action="store_true", help="time only the whole prune, not single layers")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.md"))
     args = p.parse_args(argv)
@@ -208,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             *profile_apt(*shapes[-1], "0.5", device),
             "",
         ]
+    if args.real and not args.pipeline_only:
+        out += ["## Real SmolLM2 layers", "",
+                "Weights and Hessians of six layers of the offline SmolLM2-135M, from the dense model on",
+                "16 x 512 tokens of WikiText-2 valid.", "", *bench_real(device, args.repeats), ""]
     if args.pipeline or args.pipeline_only:
         out += ["## Whole prune: sparsegpt against apt", "", *bench_pipeline(device), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
