@@ -29,7 +29,7 @@ import torch
 
 from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
 from apt_viz.hessian import inverse_and_factor, prepare
-from apt_viz.solvers.apt import select_mask
+from apt_viz.solvers.apt import REFIT_RTOL, select_mask
 from apt_viz.solvers.refit import refit_pcg
 
 CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
@@ -118,7 +118,7 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     pruned, _ = select_mask(W, U, s, 128)
     sync(device)
     t2 = time.perf_counter()
-    iters = refit_pcg(W, H, ~pruned, Hinv, error_rtol=1e-4).iters
+    iters = refit_pcg(W, H, ~pruned, Hinv, error_rtol=REFIT_RTOL).iters
     sync(device)
     t3 = time.perf_counter()
     total = t3 - t0

