@@ -31,7 +31,9 @@ def prune_sparsegpt(
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        # The factor is column-major; a row-major copy of the block keeps the row reads below
+        # contiguous, which makes the column loop several times faster on CPU.
+        Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
         d = torch.diag(Hinv1)
         if spec.structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
@@ -46,7 +48,7 @@ def prune_sparsegpt(
             q = w.masked_fill(mask1[:, i], 0.0)
             err1 = (w - q) / d[i]
             loss += err1**2 / 2
-            W1[:, i:] -= err1[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addcmul_(err1[:, None], Hinv1[i, i:], value=-1.0)
             W1[:, i] = q
             Err1[:, i] = err1
 
