@@ -100,7 +100,7 @@ def select_mask(
         if spec.structured:
             A = _nm_block(W, U, i1, i2, spec, subsets, pruned)
             W[:, i1:i2].masked_fill_(pruned[:, i1:i2], 0.0)
-            W[:, i2:] -= A @ U[i1:i2, i2:]
+            W[:, i2:].addmm_(A, U[i1:i2, i2:], alpha=-1.0)
             continue
         score = W[:, i1:i2] ** 2 / torch.diag(U[i1:i2, i1:i2]) ** 2
         pruned[:, i1:i2] = lowest(score, block_count(rows, i1, i2, spec.fraction))
@@ -111,10 +111,10 @@ def select_mask(
             j2 = min(j1 + joint_block, i2)
             V = U[j1:j2, j1:j2]
             A = A_blk[:, j1 - i1 : j2 - i1] = joint_coefficients(W[:, j1:j2], V, pruned[:, j1:j2])
-            W[:, j1:j2] -= A @ V
+            W[:, j1:j2].addmm_(A, V, alpha=-1.0)
             W[:, j1:j2].masked_fill_(pruned[:, j1:j2], 0.0)
-            W[:, j2:i2] -= A @ U[j1:j2, j2:i2]
-        W[:, i2:] -= A_blk @ U[i1:i2, i2:]
+            W[:, j2:i2].addmm_(A, U[j1:j2, j2:i2], alpha=-1.0)
+        W[:, i2:].addmm_(A_blk, U[i1:i2, i2:], alpha=-1.0)
     return pruned, W
 
 
@@ -158,20 +158,25 @@ def _nm_block(
     W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, spec: Sparsity, subsets: torch.Tensor, pruned: torch.Tensor
 ) -> torch.Tensor:
     """Prune the N:M groups of columns ``[i1, i2)`` one group at a time; returns the block's ``a``."""
-    m = spec.m
+    m, n = spec.m, spec.n
     rows = W.shape[0]
     A = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
+    flat = subsets.reshape(-1)
+    # Row c of ``chosen`` is the group mask of subset c: one row gather sets a group's mask.
+    chosen = torch.zeros(len(subsets), m, dtype=torch.bool, device=W.device)
+    chosen[torch.arange(len(subsets), device=W.device)[:, None], subsets] = True
     for c in range(i1, i2, m):
         Vg = U[c : c + m, c : c + m]
         Hg = Vg.t() @ Vg
         # Same for every row: the inverse of each subset's block and the map from w_S to a.
         Q = torch.linalg.inv(Hg[subsets[:, :, None], subsets[:, None, :]])
         R = Q @ Vg.t()[subsets]
-        Ws = W[:, c : c + m][:, subsets]
+        Ws = W[:, c : c + m].index_select(1, flat).view(rows, len(subsets), n)
         losses = torch.einsum("rci,cij,rcj->rc", Ws, Q, Ws)
         best = losses.argmin(dim=1)
-        a = torch.einsum("ri,rij->rj", Ws[torch.arange(rows), best], R[best])
-        pruned[torch.arange(rows)[:, None], c + subsets[best]] = True
-        W[:, c:i2] -= a @ U[c : c + m, c:i2]
+        coef = torch.einsum("rci,cij->rcj", Ws, R)
+        a = coef.gather(1, best[:, None, None].expand(-1, 1, m))[:, 0]
+        pruned[:, c : c + m] = chosen[best]
+        W[:, c:i2].addmm_(a, U[c : c + m, c:i2], alpha=-1.0)
         A[:, c - i1 : c - i1 + m] = a
     return A
