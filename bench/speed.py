@@ -133,18 +133,10 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     ]
 
 
-def real_layers(device: torch.device, names=REAL_LAYERS, nsamples: int = 16, seqlen: int = 512) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Weights and Hessians of some SmolLM2 layers, from the dense model on WikiText-2 valid."""
+def layer_hessians(model: torch.nn.Module, calib: torch.Tensor, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Hessians of the named Llama-style layers (``model.layers.<i>.*``) from the dense model."""
     from apt_viz.capture import Stop
-    from apt_viz.data import shared_data_path
-    from apt_viz.models import load_model
-    from apt_viz.pipeline import calibration_ids
 
-    calib_path = shared_data_path("wikitext-2/valid.txt")
-    if calib_path is None:
-        raise SystemExit("../shared/data/wikitext-2/valid.txt is missing: the real-layer section calibrates on it")
-    model, tok = load_model("smollm2-135m", device=device)
-    calib = calibration_ids(tok, calib_path, nsamples, seqlen, 0)
     mods = {n: model.get_submodule(n) for n in names}
     hess: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in names}
 
@@ -170,7 +162,21 @@ def real_layers(device: torch.device, names=REAL_LAYERS, nsamples: int = 16, seq
     finally:
         for h in handles:
             h.remove()
-    return [(n, mods[n].weight.detach().to(torch.float32).clone(), hess[n][0]) for n in names]
+    return {n: hess[n][0] for n in names}
+
+
+def real_layers(device: torch.device, names=REAL_LAYERS, nsamples: int = 16, seqlen: int = 512) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Weights and Hessians of some SmolLM2 layers, from the dense model on WikiText-2 valid."""
+    from apt_viz.data import shared_data_path
+    from apt_viz.models import load_model
+    from apt_viz.pipeline import calibration_ids
+
+    calib_path = shared_data_path("wikitext-2/valid.txt")
+    if calib_path is None:
+        raise SystemExit("../shared/data/wikitext-2/valid.txt is missing: the real-layer section calibrates on it")
+    model, tok = load_model("smollm2-135m", device=device)
+    hess = layer_hessians(model, calibration_ids(tok, calib_path, nsamples, seqlen, 0), names, device)
+    return [(n, model.get_submodule(n).weight.detach().to(torch.float32).clone(), hess[n]) for n in names]
 
 
 def bench_real(device: torch.device, repeats: int) -> list[str]:

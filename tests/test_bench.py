@@ -25,6 +25,24 @@ def test_speed_quick_writes_every_method_and_pattern(tmp_path):
     assert all(math.isfinite(float(r.split("|")[-2])) for r in rows)
     assert "fraction of matmul peak" in out.read_text() and "exact re-fit (PCG" in out.read_text()
 
+def test_speed_real_layer_hessians_match_the_pruners():
+    """The --real section's Hessians equal those the Pruner accumulates for the same layers."""
+    import torch
+    from conftest import VOCAB, tiny_model
+
+    from apt_viz import Pruner, PruningPlan
+
+    model = tiny_model("llama")
+    calib = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    got = _load("speed").layer_hessians(model, calib, names, torch.device("cpu"))
+    pruner = Pruner(model)
+    pruner.run(calib, PruningPlan(method="magnitude", sparsity=0.5), progress=False)
+    for name in names:
+        assert got[name].shape == (64, 64)
+        torch.testing.assert_close(got[name], pruner.hessians.get(name), rtol=1e-5, atol=1e-6)
+
+
 def test_memory_quick_records_peak_rss(tmp_path):
     out = tmp_path / "memory.md"
     _load("memory").main(["--layers", "2", "--hidden", "64", "--intermediate", "128", "--vocab", "128",
