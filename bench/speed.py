@@ -9,6 +9,7 @@ fraction of matmul peak (2 * tokens * in^2 flops). A profile of where APT's time
 
     python bench/speed.py                 # full run, writes bench/results/speed.md
     python bench/speed.py --quick --out /tmp/speed.md   # small shapes (the CI smoke run)
+    python bench/speed.py --real          # also six real SmolLM2 layers (the offline model)
     python bench/speed.py --pipeline      # also the whole 50% prune of SmolLM2, sparsegpt vs apt
 
 The pipeline section prunes the offline SmolLM2-135M (32 x 512 tokens of WikiText-2 valid) with
