@@ -79,16 +79,23 @@ def layer(cols: int, rows: int, device: torch.device, tokens: int = 4096) -> tup
     return W.to(device), H.to(device)
 
 
+def time_variants(W, H, spec: str, device: torch.device, repeats: int, skip=()) -> dict[str, tuple[float, float]]:
+    """Median time and relative error of each solver variant (but ``skip``'s methods) on one layer."""
+    times = {}
+    for label, m, opts in VARIANTS:
+        if m not in skip:
+            t, res = timed(lambda: sparsify_weight(W, H, spec, m, **opts), device, repeats)
+            times[label] = (t, layer_error(W, res.weight, H)[1])
+    return times
+
+
 def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
     lines = ["| in x out | pattern | method | median s | x sparsegpt | x limit | rel. error |", "|---|---|---|---|---|---|---|"]
     for cols, rows in shapes:
         W, H = layer(cols, rows, device)
         limit = (cols**3 + 2 * rows * cols**2) / peak
         for spec in specs:
-            times = {}
-            for label, m, opts in VARIANTS:
-                t, res = timed(lambda: sparsify_weight(W, H, spec, m, **opts), device, repeats)
-                times[label] = (t, layer_error(W, res.weight, H)[1])
+            times = time_variants(W, H, spec, device, repeats)
             for m, (t, err) in times.items():
                 lines.append(f"| {cols} x {rows} | {spec} | {m} | {t:.3f} | {t / times['sparsegpt'][0]:.2f} | {t / limit:.1f} | {err:.5f} |")
             print(lines[-1], file=sys.stderr, flush=True)
@@ -166,17 +173,23 @@ def layer_hessians(model: torch.nn.Module, calib: torch.Tensor, names: list[str]
     return {n: hess[n][0] for n in names}
 
 
-def real_layers(device: torch.device, names=REAL_LAYERS, nsamples: int = 16, seqlen: int = 512) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Weights and Hessians of some SmolLM2 layers, from the dense model on WikiText-2 valid."""
+def smollm2_calibration(device: torch.device, nsamples: int, seqlen: int, section: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The offline SmolLM2-135M and ``nsamples x seqlen`` tokens of WikiText-2 valid to calibrate it."""
     from apt_viz.data import shared_data_path
     from apt_viz.models import load_model
     from apt_viz.pipeline import calibration_ids
 
     calib_path = shared_data_path("wikitext-2/valid.txt")
     if calib_path is None:
-        raise SystemExit("../shared/data/wikitext-2/valid.txt is missing: the real-layer section calibrates on it")
+        raise SystemExit(f"../shared/data/wikitext-2/valid.txt is missing: the {section} section calibrates on it")
     model, tok = load_model("smollm2-135m", device=device)
-    hess = layer_hessians(model, calibration_ids(tok, calib_path, nsamples, seqlen, 0), names, device)
+    return model, calibration_ids(tok, calib_path, nsamples, seqlen, 0)
+
+
+def real_layers(device: torch.device, names=REAL_LAYERS, nsamples: int = 16, seqlen: int = 512) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Weights and Hessians of some SmolLM2 layers, from the dense model on WikiText-2 valid."""
+    model, calib = smollm2_calibration(device, nsamples, seqlen, "real-layer")
+    hess = layer_hessians(model, calib, names, device)
     return [(n, model.get_submodule(n).weight.detach().to(torch.float32).clone(), hess[n]) for n in names]
 
 
@@ -186,12 +199,7 @@ def bench_real(device: torch.device, repeats: int) -> list[str]:
     for name, W, H in real_layers(device):
         W, H = W.to(device), H.to(device)
         for spec in ["0.5", "2:4"]:
-            times = {}
-            for label, m, opts in VARIANTS:
-                if m in ("magnitude", "wanda"):
-                    continue
-                t, res = timed(lambda: sparsify_weight(W, H, spec, m, **opts), device, repeats)
-                times[label] = (t, layer_error(W, res.weight, H)[1])
+            times = time_variants(W, H, spec, device, repeats, skip=("magnitude", "wanda"))
             short = name.removeprefix("model.layers.")
             for m, (t, err) in times.items():
                 lines.append(f"| {short} | {W.shape[1]} x {W.shape[0]} | {spec} | {m} | {t:.3f} | {t / times['sparsegpt'][0]:.2f} | {err:.5f} |")
@@ -202,15 +210,8 @@ def bench_real(device: torch.device, repeats: int) -> list[str]:
 def bench_pipeline(device: torch.device, methods=("sparsegpt", "apt"), nsamples: int = 32, seqlen: int = 512) -> list[str]:
     """Whole prune of the offline SmolLM2 at 50% per method, and where its time goes."""
     from apt_viz import Pruner, PruningPlan
-    from apt_viz.data import shared_data_path
-    from apt_viz.models import load_model
-    from apt_viz.pipeline import calibration_ids
 
-    calib_path = shared_data_path("wikitext-2/valid.txt")
-    if calib_path is None:
-        raise SystemExit("../shared/data/wikitext-2/valid.txt is missing: the pipeline section calibrates on it")
-    model, tok = load_model("smollm2-135m", device=device)
-    calib = calibration_ids(tok, calib_path, nsamples, seqlen, 0)
+    model, calib = smollm2_calibration(device, nsamples, seqlen, "pipeline")
     lines = [f"SmolLM2-135M, 50% unstructured, {nsamples} x {seqlen} calibration tokens, device {device}.", "",
              "| method | whole prune s | x sparsegpt | solver s | other s (capture, forwards, Hessians) | solver s by layer kind |",
              "|---|---|---|---|---|---|"]
