@@ -157,9 +157,10 @@ def test_inverse_factor_leaves_H_alone_and_inverts_the_damped_H(shift, device):
     torch.testing.assert_close(Hinv.double(), want, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("max_batch", [1 << 18, 50])
-def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, device):
-    """a = w_P (V_P^T V_P)^-1 V_P^T per row, whatever the chunking (50 entries: one row per chunk)."""
+@pytest.mark.parametrize(("max_batch", "min_rows"), [(1 << 18, 16), (1 << 18, 1), (1 << 18, 1000), (50, 16)])
+def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, device):
+    """a = w_P (V_P^T V_P)^-1 V_P^T per row, whatever the batching: one |P| per batch (min_rows 1),
+    all rows padded to one size (1000), or one row per batch (50 entries)."""
     from apt_viz.solvers.apt import joint_coefficients
 
     g = torch.Generator().manual_seed(9)
@@ -168,7 +169,7 @@ def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, device):
     V = torch.linalg.cholesky(torch.linalg.inv(X @ X.T / (4 * b) + 0.1 * torch.eye(b)), upper=True)
     W1 = torch.randn(40, b, generator=g)
     P = torch.rand(40, b, generator=g) < torch.linspace(0, 0.9, 40)[:, None]  # |P| from 0 to about 0.9 b
-    A = joint_coefficients(W1.to(device), V.to(device), P.to(device), max_batch=max_batch).cpu()
+    A = joint_coefficients(W1.to(device), V.to(device), P.to(device), max_batch=max_batch, min_rows=min_rows).cpu()
     for r in range(40):
         Vp = V[:, P[r]].double()
         ref = W1[r, P[r]].double() @ torch.linalg.inv(Vp.T @ Vp) @ Vp.T if P[r].any() else torch.zeros(b)
