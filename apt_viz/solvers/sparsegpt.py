@@ -29,31 +29,32 @@ def prune_sparsegpt(
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        # The block is held transposed, so a column of W is a contiguous row: the column loop
+        # below then reads and writes no strided data, which makes it several times faster on CPU.
+        # The factor is column-major; a row-major copy of its block keeps the row reads contiguous too.
+        W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
-        # The factor is column-major; a row-major copy of the block keeps the row reads below
-        # contiguous, which makes the column loop several times faster on CPU.
         Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
         d = torch.diag(Hinv1)
         if spec.structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            mask1 = lowest(W1**2 / d**2, block_count(rows, i1, i2, spec.fraction))
+            # Scored in W's own layout, so ties (exact zeros, say) break in the same order as APT's.
+            mask1 = lowest((W1**2 / d[:, None] ** 2).t(), block_count(rows, i1, i2, spec.fraction)).t()
 
         for i in range(i2 - i1):
             if spec.structured and i % spec.m == 0:
-                group = W1[:, i : i + spec.m] ** 2 / d[i : i + spec.m] ** 2
-                mask1[:, i : i + spec.m] = lowest_per_row(group, spec.n)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err1 = (w - q) / d[i]
-            loss += err1**2 / 2
-            W1[:, i:].addcmul_(err1[:, None], Hinv1[i, i:], value=-1.0)
-            W1[:, i] = q
-            Err1[:, i] = err1
+                group = W1[i : i + spec.m] ** 2 / d[i : i + spec.m, None] ** 2
+                mask1[i : i + spec.m] = lowest_per_row(group.t(), spec.n).t()
+            q = W1[i].masked_fill(mask1[i], 0.0)
+            err1 = Err1[i]
+            torch.sub(W1[i], q, out=err1).div_(d[i])
+            loss.addcmul_(err1, err1, value=0.5)
+            W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1.0)
+            W1[i] = q
 
-        W[:, i1:i2] = W1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i1:i2] = W1.t()
+        pruned[:, i1:i2] = mask1.t()
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1.0)
 
     return SolverResult(W, ~pruned, float(loss.sum()), damp + extra)
