@@ -29,9 +29,10 @@ def prune_sparsegpt(
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        # The block is held transposed, so a column of W is a contiguous row: the column loop
-        # below then reads and writes no strided data, which makes it several times faster on CPU.
-        # The factor is column-major; a row-major copy of its block keeps the row reads contiguous too.
+        # The block is held transposed, so a column of W is a contiguous row, and the factor's block
+        # is copied row-major (the factor is column-major): the column loop below then touches no
+        # strided data, which on CPU makes it 1.3x faster than strided columns, and those 2.5x
+        # faster than strided factor rows.
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
