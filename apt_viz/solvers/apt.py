@@ -99,7 +99,6 @@ def select_mask(
         i2 = min(i1 + blocksize, cols)
         if spec.structured:
             A = _nm_block(W, U, i1, i2, spec, subsets, pruned)
-            W[:, i1:i2].masked_fill_(pruned[:, i1:i2], 0.0)
             W[:, i2:].addmm_(A, U[i1:i2, i2:], alpha=-1.0)
             continue
         score = W[:, i1:i2] ** 2 / torch.diag(U[i1:i2, i1:i2]) ** 2
@@ -183,26 +182,36 @@ def _subsets(n: int, m: int, device: torch.device) -> torch.Tensor:
 def _nm_block(
     W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, spec: Sparsity, subsets: torch.Tensor, pruned: torch.Tensor
 ) -> torch.Tensor:
-    """Prune the N:M groups of columns ``[i1, i2)`` one group at a time; returns the block's ``a``."""
+    """Prune the N:M groups of columns ``[i1, i2)`` one group at a time; returns the block's ``a``.
+
+    The block is held transposed, so that a group's columns are contiguous rows and the small
+    per-subset products run as batched matmuls over all rows at once.
+    """
     m, n = spec.m, spec.n
-    rows = W.shape[0]
-    A = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
+    Wt = W[:, i1:i2].t().contiguous()
+    At = torch.empty_like(Wt)
+    maskt = torch.empty_like(Wt, dtype=torch.bool)
     flat = subsets.reshape(-1)
     # Row c of ``chosen`` is the group mask of subset c: one row gather sets a group's mask.
     chosen = torch.zeros(len(subsets), m, dtype=torch.bool, device=W.device)
     chosen[torch.arange(len(subsets), device=W.device)[:, None], subsets] = True
-    for c in range(i1, i2, m):
-        Vg = U[c : c + m, c : c + m]
+    for c in range(0, i2 - i1, m):
+        g = slice(i1 + c, i1 + c + m)
+        Vg = U[g, g]
         Hg = Vg.t() @ Vg
         # Same for every row: the inverse of each subset's block and the map from w_S to a.
         Q = torch.linalg.inv(Hg[subsets[:, :, None], subsets[:, None, :]])
-        R = Q @ Vg.t()[subsets]
-        Ws = W[:, c : c + m].index_select(1, flat).view(rows, len(subsets), n)
-        losses = torch.einsum("rci,cij,rcj->rc", Ws, Q, Ws)
-        best = losses.argmin(dim=1)
-        coef = torch.einsum("rci,cij->rcj", Ws, R)
-        a = coef.gather(1, best[:, None, None].expand(-1, 1, m))[:, 0]
-        pruned[:, c : c + m] = chosen[best]
-        W[:, c:i2].addmm_(a, U[c : c + m, c:i2], alpha=-1.0)
-        A[:, c - i1 : c - i1 + m] = a
-    return A
+        Rt = (Q @ Vg.t()[subsets]).transpose(1, 2)
+        Ws = Wt[c : c + m].index_select(0, flat).view(len(subsets), n, -1)
+        losses = (Ws * (Q @ Ws)).sum(1)
+        # min's indices: the same first-minimum argmin, and several times faster over dim 0 on CPU.
+        best = losses.min(dim=0).indices
+        coef = Rt @ Ws
+        a = coef.gather(0, best[None, None, :].expand(1, m, -1))[0]
+        maskt[c : c + m] = chosen[best].t()
+        Wt[c:].addmm_(U[g, i1 + c : i2].t(), a, alpha=-1.0)
+        At[c : c + m] = a
+    Wt.masked_fill_(maskt, 0.0)
+    W[:, i1:i2] = Wt.t()
+    pruned[:, i1:i2] = maskt.t()
+    return At.t()
