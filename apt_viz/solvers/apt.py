@@ -142,13 +142,14 @@ def joint_coefficients(
     Ws = W1.index_select(0, by_size).gather(1, order)
     Xs = torch.zeros_like(Ws)
     eye = torch.eye(b, dtype=W1.dtype, device=W1.device)
-    for r0, r1, k in _size_groups(torch.bincount(count, minlength=b + 1).tolist(), min_rows, max_batch):
+    # The batches come from the sizes' histogram, so the loop needs no further device syncs.
+    for r0, r1, k, padded in _size_groups(torch.bincount(count, minlength=b + 1).tolist(), min_rows, max_batch):
         idx = order[r0:r1, :k]
         # G[idx_i, idx_j] per row, as two plain gathers (one advanced index over both is 5x slower on CPU).
         M = torch.gather(G.index_select(0, idx.reshape(-1)).view(r1 - r0, k, b), 2, idx[:, None, :].expand(-1, k, k))
         rhs = Ws[r0:r1, :k]
         valid = None
-        if int(count[r0]) < k:
+        if padded:
             valid = torch.arange(k, device=W1.device)[None, :] < count[r0:r1, None]
             M = torch.where(valid[:, :, None] & valid[:, None, :], M, eye[:k, :k])
             rhs = rhs * valid
@@ -159,19 +160,22 @@ def joint_coefficients(
     return X @ V.t()
 
 
-def _size_groups(sizes: list[int], min_rows: int, max_batch: int) -> list[tuple[int, int, int]]:
-    """``(start, stop, k)`` batches over rows sorted by ``|P|``, where ``sizes[k]`` rows have ``|P| = k``.
+def _size_groups(sizes: list[int], min_rows: int, max_batch: int) -> list[tuple[int, int, int, bool]]:
+    """``(start, stop, k, padded)`` batches over rows sorted by ``|P|``, where ``sizes[k]`` rows have ``|P| = k``.
 
-    Each batch's systems are solved at its largest ``|P|``, ``k``; rows with ``|P| = 0`` need none.
+    Each batch's systems are solved at its largest ``|P|``, ``k``; ``padded`` says some of its rows
+    have a smaller one. Rows with ``|P| = 0`` need no solve.
     """
-    groups, start, stop = [], sizes[0], sizes[0]
+    groups, start, stop, low = [], sizes[0], sizes[0], None
     last = max((k for k, n in enumerate(sizes) if n), default=0)
     for k in range(1, last + 1):
         stop += sizes[k]
+        if low is None and sizes[k]:
+            low = k
         if stop - start >= min_rows or (k == last and stop > start):
             step = max(1, max_batch // (k * k))
-            groups += [(r, min(r + step, stop), k) for r in range(start, stop, step)]
-            start = stop
+            groups += [(r, min(r + step, stop), k, low < k) for r in range(start, stop, step)]
+            start, low = stop, None
     return groups
 
 
