@@ -123,7 +123,7 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     H.diagonal().add_(extra)
     sync(device)
     t1 = time.perf_counter()
-    pruned, _ = select_mask(W, U, s, 128)
+    pruned, _, _ = select_mask(W, U, s, 128)
     sync(device)
     t2 = time.perf_counter()
     iters = refit_pcg(W, H, ~pruned, Hinv, error_rtol=REFIT_RTOL).iters

@@ -98,6 +98,16 @@ def test_loss_matches_layer_error_for_apt():
     assert res.loss == pytest.approx(err / 2, rel=1e-3)
 
 
+@pytest.mark.parametrize("pattern", ["0.5", "0.7", "2:4", "4:8"])
+def test_paper_form_loss_is_the_sum_of_its_squared_coefficients(pattern, device):
+    # Without the re-fit the loss comes from the joint updates' coefficients, not from a matmul with H.
+    W, X, H = layer(6, device=device)
+    res = sparsify_weight(W, H, pattern, "apt", percdamp=0.0, final_refit=False)
+    assert res.damp == 0.0
+    D = res.weight.double() - W.double()
+    assert res.loss == pytest.approx(0.5 * float(((D @ H.double()) * D).sum()), rel=1e-4)
+
+
 def test_dead_columns_are_zeroed():
     W, X, H = layer(7)
     H[:, 3] = 0

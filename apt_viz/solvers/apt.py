@@ -70,7 +70,7 @@ def prune_apt(
     Hinv, U, extra = inverse_and_factor(H) if final_refit else (None, *inverse_factor(H))
     if extra:
         H.diagonal().add_(extra)
-    pruned, W_seq = select_mask(W, U, spec, blocksize, joint_block)
+    pruned, W_seq, seq_err = select_mask(W, U, spec, blocksize, joint_block)
     err = None
     if final_refit:
         if refit_solver == "pcg":
@@ -78,7 +78,7 @@ def prune_apt(
         else:
             W_new = refit(W, H, ~pruned, Hinv=Hinv)
     else:
-        W_new = W_seq
+        W_new, err = W_seq, seq_err
     if err is None:
         D = W_new - W
         err = float(((D @ H) * D).sum())
@@ -87,11 +87,17 @@ def prune_apt(
 
 def select_mask(
     W: torch.Tensor, U: torch.Tensor, spec: Sparsity, blocksize: int, joint_block: int = JOINT_BLOCK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose the pruned set block by block with joint updates; returns (pruned mask, updated W)."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Choose the pruned set block by block with joint updates.
+
+    Returns the pruned mask, the updated ``W`` and its error ``(W'-W) H (W'-W)^T``. Every update
+    is ``-a U[cols, :]`` and ``U H U^T = I``, so that error is ``||a||^2`` summed over all the
+    coefficients: it costs nothing, where the product with ``H`` would cost a weight-sized matmul.
+    """
     W = W.clone()
     rows, cols = W.shape
     pruned = torch.zeros_like(W, dtype=torch.bool)
+    err = torch.zeros((), dtype=W.dtype, device=W.device)
     if spec.structured:
         blocksize = max(spec.m, blocksize // spec.m * spec.m)
         subsets = _subsets(spec.n, spec.m, W.device)
@@ -100,6 +106,7 @@ def select_mask(
         if spec.structured:
             A = _nm_block(W, U, i1, i2, spec, subsets, pruned)
             W[:, i2:].addmm_(A, U[i1:i2, i2:], alpha=-1.0)
+            err += A.square().sum()
             continue
         score = W[:, i1:i2] ** 2 / torch.diag(U[i1:i2, i1:i2]) ** 2
         pruned[:, i1:i2] = lowest(score, block_count(rows, i1, i2, spec.fraction))
@@ -115,7 +122,8 @@ def select_mask(
         # Later sub-blocks never write earlier columns, so the block's pruned entries are zeroed once.
         W[:, i1:i2].masked_fill_(pruned[:, i1:i2], 0.0)
         W[:, i2:].addmm_(A_blk, U[i1:i2, i2:], alpha=-1.0)
-    return pruned, W
+        err += A_blk.square().sum()
+    return pruned, W, float(err)
 
 
 def joint_coefficients(
