@@ -188,6 +188,28 @@ def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, devi
     assert torch.allclose((W1 - A @ V)[P], torch.zeros(int(P.sum())), atol=1e-4)
 
 
+def test_joint_coefficients_name_the_fix_when_a_solve_fails(device):
+    """Two equal columns of V make G_PP singular: the error says what to change, at once or once
+    per mask selection when the caller collects the factorizations."""
+    from apt_viz.solvers.apt import check_factorizations, joint_coefficients
+
+    V = torch.eye(4)
+    V[0, 1], V[1, 1] = 1.0, 0.0
+    W1 = torch.ones(20, 4)
+    P = torch.zeros(20, 4, dtype=torch.bool)
+    P[:, :2] = True
+    args = (W1.to(device), V.to(device), P.to(device))
+    with pytest.raises(ValueError, match="raise percdamp"):
+        joint_coefficients(*args)
+    failures = []
+    joint_coefficients(*args, failures=failures)
+    with pytest.raises(ValueError, match="raise percdamp"):
+        check_factorizations(failures)
+    ok = []
+    joint_coefficients(W1.to(device), torch.eye(4, device=device), P.to(device), failures=ok)
+    check_factorizations(ok)
+
+
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
 def test_apt_refit_only_lowers_the_error_of_the_block_joint_weights(spec, device):
     """final_refit=False keeps the same mask; the re-fit is that mask's optimum, so its error is lower."""

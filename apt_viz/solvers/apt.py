@@ -98,6 +98,7 @@ def select_mask(
     rows, cols = W.shape
     pruned = torch.zeros_like(W, dtype=torch.bool)
     err = torch.zeros((), dtype=W.dtype, device=W.device)
+    failures: list[torch.Tensor] = []
     if spec.structured:
         blocksize = max(spec.m, blocksize // spec.m * spec.m)
         subsets = _subsets(spec.n, spec.m, W.device)
@@ -116,18 +117,24 @@ def select_mask(
         for j1 in range(i1, i2, joint_block):
             j2 = min(j1 + joint_block, i2)
             V = U[j1:j2, j1:j2]
-            A = A_blk[:, j1 - i1 : j2 - i1] = joint_coefficients(W[:, j1:j2], V, pruned[:, j1:j2])
+            A = A_blk[:, j1 - i1 : j2 - i1] = joint_coefficients(W[:, j1:j2], V, pruned[:, j1:j2], failures=failures)
             W[:, j1:j2].addmm_(A, V, alpha=-1.0)
             W[:, j2:i2].addmm_(A, U[j1:j2, j2:i2], alpha=-1.0)
         # Later sub-blocks never write earlier columns, so the block's pruned entries are zeroed once.
         W[:, i1:i2].masked_fill_(pruned[:, i1:i2], 0.0)
         W[:, i2:].addmm_(A_blk, U[i1:i2, i2:], alpha=-1.0)
         err += A_blk.square().sum()
+    check_factorizations(failures)
     return pruned, W, float(err)
 
 
 def joint_coefficients(
-    W1: torch.Tensor, V: torch.Tensor, P: torch.Tensor, max_batch: int = 1 << 20, min_rows: int = 16
+    W1: torch.Tensor,
+    V: torch.Tensor,
+    P: torch.Tensor,
+    max_batch: int = 1 << 20,
+    min_rows: int = 16,
+    failures: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per row, ``a = w_P (V_P^T V_P)^-1 V_P^T``: the joint update of the block is ``-a V``.
 
@@ -135,7 +142,9 @@ def joint_coefficients(
     with the padded size, and padding every row of a large chunk to its largest ``|P|`` made the
     solves 2-4x slower at 32 columns. A size with fewer than ``min_rows`` rows joins the next
     larger one (its systems padded with identity rows), since per-call overhead dominates tiny
-    batches. A batch holds at most about ``max_batch`` matrix entries.
+    batches. A batch holds at most about ``max_batch`` matrix entries. Each batch's Cholesky status
+    is appended to ``failures`` when it is given, for the caller to check once (a check reads the
+    device); otherwise a failed factorization raises here.
     """
     rows, b = W1.shape
     G = V.t() @ V
@@ -161,11 +170,26 @@ def joint_coefficients(
             valid = torch.arange(k, device=W1.device)[None, :] < count[r0:r1, None]
             M = torch.where(valid[:, :, None] & valid[:, None, :], M, eye[:k, :k])
             rhs = rhs * valid
-        x = torch.cholesky_solve(rhs[:, :, None], torch.linalg.cholesky(M))[:, :, 0]
+        L, info = torch.linalg.cholesky_ex(M)
+        x = torch.cholesky_solve(rhs[:, :, None], L)[:, :, 0]
         Xs[r0:r1, :k] = x if valid is None else x * valid
+        if failures is None:
+            check_factorizations([info])
+        else:
+            failures.append(info)
     X = torch.empty_like(W1)
     X[by_size] = torch.zeros_like(Xs).scatter_(1, order, Xs)
     return X @ V.t()
+
+
+def check_factorizations(infos: list[torch.Tensor]) -> None:
+    """Raise a clear error if any of the joint solves' Cholesky factorizations failed."""
+    if infos and bool(torch.cat([i.reshape(-1) for i in infos]).any()):
+        raise ValueError(
+            "APT's joint solve met a pruned set whose inverse-Hessian block is not positive definite "
+            "in float32 (an ill-conditioned Hessian); raise percdamp (default 0.01), or prune this layer "
+            "with method='sparsegpt'"
+        )
 
 
 def _size_groups(sizes: list[int], min_rows: int, max_batch: int) -> list[tuple[int, int, int, bool]]:
