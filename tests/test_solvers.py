@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apt_viz import layer_error, refit, sparsify_weight
+from apt_viz import Sparsity, layer_error, refit, sparsify_weight
 from apt_viz.solvers.apt import REFIT_RTOL
 from apt_viz.solvers.refit import refit_pcg
 from apt_viz.config import PlanError
@@ -191,7 +191,7 @@ def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, devi
 def test_joint_coefficients_name_the_fix_when_a_solve_fails(device):
     """Two equal columns of V make G_PP singular: the error says what to change, at once or once
     per mask selection when the caller collects the factorizations."""
-    from apt_viz.solvers.apt import check_factorizations, joint_coefficients
+    from apt_viz.solvers.apt import check_factorizations, joint_coefficients, select_mask
 
     V = torch.eye(4)
     V[0, 1], V[1, 1] = 1.0, 0.0
@@ -208,6 +208,9 @@ def test_joint_coefficients_name_the_fix_when_a_solve_fails(device):
     ok = []
     joint_coefficients(W1.to(device), torch.eye(4, device=device), P.to(device), failures=ok)
     check_factorizations(ok)
+    # N:M groups invert every subset's block: the same V as one 4-column group.
+    with pytest.raises(ValueError, match="raise percdamp"):
+        select_mask(W1.to(device), V.to(device), Sparsity.parse("2:4"), 128)
 
 
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
