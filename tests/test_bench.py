@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -51,3 +54,13 @@ def test_memory_quick_records_peak_rss(tmp_path):
     assert "peak RSS of the pruning process" in text
     rss_gib = float(text.split("peak RSS of the pruning process | ")[1].split(" GiB")[0])
     assert 0 < rss_gib < 8
+
+
+def test_gpu_check_rehearses_on_cpu(tmp_path):
+    """bench/gpu_check.sh is run only when a GPU is lent, so its steps are rehearsed here on CPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "passed" in (tmp_path / "tests.log").read_text() and "failed" not in (tmp_path / "tests.log").read_text()
+    assert "| 64 x 128 | 2:4 | apt |" in (tmp_path / "speed-gpu.md").read_text()
+    assert "peak RSS of the pruning process" in (tmp_path / "memory-gpu.md").read_text()
