@@ -80,13 +80,22 @@ def layer(cols: int, rows: int, device: torch.device, tokens: int = 4096) -> tup
 
 
 def time_variants(W, H, spec: str, device: torch.device, repeats: int, skip=()) -> dict[str, tuple[float, float]]:
-    """Median time and relative error of each solver variant (but ``skip``'s methods) on one layer."""
-    times = {}
-    for label, m, opts in VARIANTS:
-        if m not in skip:
-            t, res = timed(lambda: sparsify_weight(W, H, spec, m, **opts), device, repeats)
-            times[label] = (t, layer_error(W, res.weight, H)[1])
-    return times
+    """Median time and relative error of each solver variant (but ``skip``'s methods) on one layer.
+
+    The variants take turns, one run each per round after a warm-up round, so that a drift in the
+    host's speed (on a shared CPU it moves by a quarter within minutes) reaches all of them alike.
+    """
+    runs = {label: (lambda m=m, opts=opts: sparsify_weight(W, H, spec, m, **opts)) for label, m, opts in VARIANTS if m not in skip}
+    errors = {label: layer_error(W, fn().weight, H)[1] for label, fn in runs.items()}
+    samples: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, fn in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[label].append(time.perf_counter() - t0)
+    return {label: (statistics.median(samples[label]), errors[label]) for label in runs}
 
 
 def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
@@ -258,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Machine: {platform.platform()}, {name}, torch {torch.__version__}, device {device}.",
         f"Command: `python bench/speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "",
-        f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up.",
+        f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up;"
+        " on each layer the solvers take turns, one run each per round.",
         "Limit = (in^3 + 2 out in^2) flops at that peak: the inverse plus one update pass.",
         "",
     ]
