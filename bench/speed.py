@@ -47,24 +47,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls after one warm-up, and the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def elapsed(fn, device: torch.device) -> float:
+    """Wall time of one call of ``fn``, its device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up."""
+    fn()
+    return statistics.median(elapsed(fn, device) for _ in range(repeats))
 
 
 def matmul_peak(device: torch.device, n: int) -> float:
     """Measured float32 matmul rate (flop/s) on ``n x n`` operands."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    t, _ = timed(lambda: a @ b, device, 5)
+    t = timed(lambda: a @ b, device, 5)
     return 2 * n**3 / t
 
 
@@ -90,11 +92,7 @@ def time_variants(W, H, spec: str, device: torch.device, repeats: int, skip=()) 
     samples: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, fn in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            samples[label].append(time.perf_counter() - t0)
+            samples[label].append(elapsed(fn, device))
     return {label: (statistics.median(samples[label]), errors[label]) for label in runs}
 
 
@@ -115,7 +113,7 @@ def bench_hessian(widths, device, peak, tokens: int = 8192) -> list[str]:
     lines = ["| in | tokens | median s | tokens/s | fraction of matmul peak |", "|---|---|---|---|---|"]
     for cols in widths:
         X = torch.randn(tokens, cols, device=device)
-        t, _ = timed(lambda: accumulate_hessian(None, 0, X), device, 5)
+        t = timed(lambda: accumulate_hessian(None, 0, X), device, 5)
         frac = 2 * tokens * cols**2 / t / peak
         lines.append(f"| {cols} | {tokens} | {t:.4f} | {tokens / t:,.0f} | {frac:.0%} |")
     return lines
