@@ -16,6 +16,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="*", default=["*"], help="name globs of layers to prune")
     p.add_argument("--exclude", nargs="*", default=[], help="name globs of layers to leave dense")
     p.add_argument("--sequential", action="store_true", help="prune q/k/v, then o, then up/gate, then down")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="APT: skip the exact re-fit of every row on its mask (the paper's algorithm alone: about SparseGPT's speed)")
     p.add_argument("--calib", required=True, help="wikitext2, ptb, c4 or a local text file")
     p.add_argument("--eval", nargs="+", action="extend", default=None, metavar="CORPUS",
                    help="corpora or text files for perplexity (several allowed; --eval may be repeated)")
@@ -67,7 +69,7 @@ def _prune(args: argparse.Namespace) -> int:
         check_save_target(args.save)  # refuse a bad --save folder before the slow part
     spec = Sparsity.parse(args.sparsity, args.pattern)
     plan = PruningPlan(method=args.method, sparsity=spec.fraction, pattern=spec.pattern, include=args.layers,
-                       exclude=args.exclude, sequential=args.sequential)
+                       exclude=args.exclude, sequential=args.sequential, refit=args.refit)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     result, pruner = run_job(model, tok, plan, calib=args.calib, evaluate=args.eval, nsamples=args.nsamples,
                              seqlen=args.seqlen, nwindows=args.nwindows or None, seed=args.seed, device=args.device,
@@ -104,13 +106,14 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
                 written.add(i)
                 write_run_report(partial, run, args.report, meta)
                 ppl = ", ".join(f"{label} {v['pruned']:.2f}" for label, v in run.perplexity.items())
-                print(f"{run.plan['method']} {Sparsity.parse(run.plan['sparsity'], run.plan['pattern'])}: {ppl or 'no eval'}; "
+                print(f"{PruningPlan.from_dict(run.plan).method_label} {Sparsity.parse(run.plan['sparsity'], run.plan['pattern'])}: {ppl or 'no eval'}; "
                       f"pruned in {run.prune_seconds:.1f} s", flush=True)
         write_quality(partial, args.report, meta)
 
     result = compare(model, tok, args.methods, args.specs, calib=args.calib, evaluate=args.eval, nsamples=args.nsamples,
                      seqlen=args.seqlen, nwindows=args.nwindows or None, seed=args.seed, device=args.device,
-                     include=args.layers, exclude=args.exclude, sequential=args.sequential, tasks=args.tasks, on_run=on_run)
+                     include=args.layers, exclude=args.exclude, sequential=args.sequential, refit=args.refit, tasks=args.tasks,
+                     on_run=on_run)
     print(quality_table(result), end="")
     print(f"shared between runs: {result.shared}")
     print(f"report written to {write_quality(result, args.report, meta).resolve()}")

@@ -129,7 +129,7 @@ class CompareResult:
         for r in self.runs:
             spec = Sparsity.parse(r.plan["sparsity"], r.plan["pattern"])
             out.append({
-                "method": r.plan["method"], "pattern": str(spec), "sparsity": spec.fraction,
+                "method": PruningPlan.from_dict(r.plan).method_label, "pattern": str(spec), "sparsity": spec.fraction,
                 "ppl": {label: v["pruned"] for label, v in r.perplexity.items()},
                 "prune_seconds": r.prune_seconds,
                 "mean_rel_error": sum(layer["rel_error"] for layer in r.layers) / len(r.layers) if r.layers else None,
@@ -154,6 +154,7 @@ def compare(
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     sequential: bool = False,
+    refit: bool = True,
     tasks: Sequence[str] = (),
     prompts: Sequence[str] = PROMPTS,
     progress: bool = True,
@@ -162,6 +163,7 @@ def compare(
 ) -> CompareResult:
     """Prune ``model`` with every pattern in ``specs`` x every method, restoring it to dense between runs.
 
+    ``refit=False`` runs APT without its exact re-fit (:class:`PruningPlan`'s ``refit``).
     ``runs`` lists further ``(method, spec)`` pairs, run after the cross product in the order given
     (pass empty ``methods``/``specs`` to run only these, e.g. the most wanted rows first).
 
@@ -173,7 +175,8 @@ def compare(
     if not pairs:
         raise PlanError("nothing to compare: give methods and specs, or runs=[(method, spec), ...]")
     plans = [
-        PruningPlan(method=m, sparsity=spec.fraction, pattern=spec.pattern, include=list(include), exclude=list(exclude), sequential=sequential)
+        PruningPlan(method=m, sparsity=spec.fraction, pattern=spec.pattern, include=list(include), exclude=list(exclude),
+                    sequential=sequential, refit=refit)
         for m, spec in ((m, Sparsity.parse(s)) for m, s in pairs)
     ]  # validated up front, so a typo fails before the slow part
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
@@ -185,7 +188,7 @@ def compare(
         settings={"methods": list(methods), "specs": [str(s) for s in specs], "runs": [[m, str(s)] for m, s in runs], "calib": os.fspath(calib),
                   "evaluate": corpus_sources(evaluate), "nsamples": nsamples, "seqlen": seqlen, "nwindows": nwindows,
                   "seed": seed, "device": str(device) if device is not None else None, "include": list(include),
-                  "exclude": list(exclude), "sequential": sequential, "tasks": list(tasks), "prompts": list(prompts)},
+                  "exclude": list(exclude), "sequential": sequential, "refit": refit, "tasks": list(tasks), "prompts": list(prompts)},
     )
     if on_run:
         on_run(result)
@@ -261,7 +264,7 @@ def write_run_report(result: CompareResult, run: JobResult, folder: str | os.Pat
     """The full ``apt-viz prune`` report of one run, in ``folder/runs/<method>-<pattern>/``."""
     spec = Sparsity.parse(run.plan["sparsity"], run.plan["pattern"])
     extra = {k: result.settings.get(k) for k in ("seed", "nsamples", "seqlen")}
-    return write_report(run, Path(folder) / "runs" / run_folder_name(run.plan["method"], spec), {**(meta or {}), **extra})
+    return write_report(run, Path(folder) / "runs" / run_folder_name(PruningPlan.from_dict(run.plan).method_label, spec), {**(meta or {}), **extra})
 
 
 def write_compare_report(result: CompareResult, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
@@ -272,9 +275,9 @@ def write_compare_report(result: CompareResult, folder: str | os.PathLike, meta:
 
 
 def run_folder_name(method: str, spec: Sparsity) -> str:
-    """``apt-50pct``, ``sparsegpt-2of4``: a file-system-safe folder name for one run."""
+    """``apt-50pct``, ``sparsegpt-2of4``, ``apt-no-re-fit-50pct``: a file-system-safe folder name for one run."""
     tag = f"{spec.n}of{spec.m}" if spec.structured else f"{round(spec.fraction * 100, 2):g}pct"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method}-{tag}")
+    return f"{re.sub(r'[^A-Za-z0-9_.]+', '-', method).strip('-')}-{tag}"
 
 
 def _task_columns(result: CompareResult) -> list[tuple[str, str]]:

@@ -97,7 +97,9 @@ class PruningPlan:
 
     Layer names are the model's module names (``model.layers.3.self_attn.q_proj``); ``include``,
     ``exclude`` and the keys of ``overrides`` are shell-style globs over them (``*.mlp.*``). A later
-    override wins over an earlier one.
+    override wins over an earlier one. ``refit`` (APT only) re-fits every row exactly on its chosen
+    mask, the default; ``False`` runs the paper's algorithm alone: about SparseGPT's speed, with a
+    layer error 1.2-1.6x the re-fitted one on the benchmark's layers (still below SparseGPT's).
     """
 
     method: str = "apt"
@@ -109,6 +111,7 @@ class PruningPlan:
     blocksize: int = 128
     percdamp: float = 0.01
     sequential: bool = False
+    refit: bool = True
 
     def __post_init__(self) -> None:
         self.overrides = {
@@ -128,6 +131,8 @@ class PruningPlan:
             raise PlanError(f"blocksize must be a positive integer, got {self.blocksize!r}")
         if not isinstance(self.percdamp, (int, float)) or not 0 <= self.percdamp < 1:
             raise PlanError(f"percdamp must be in [0, 1) (0.01 is usual), got {self.percdamp!r}")
+        if not isinstance(self.refit, bool):
+            raise PlanError(f"refit must be True or False, got {self.refit!r}")
         for glob, ov in self.overrides.items():
             method = ov.method or self.method
             _check_method(method)
@@ -138,6 +143,11 @@ class PruningPlan:
             except PlanError as e:
                 raise PlanError(f"override {glob!r}: {e}") from None
         return self
+
+    @property
+    def method_label(self) -> str:
+        """The method as tables and run labels show it: ``apt (no re-fit)`` for APT without its re-fit."""
+        return f"{self.method} (no re-fit)" if self.method == "apt" and not self.refit else self.method
 
     def selects(self, name: str) -> bool:
         """True if the layer ``name`` is part of this plan."""
@@ -192,6 +202,7 @@ def _check_method(method: str) -> None:
 _TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "sparsity": (int, float), "pattern": (str,), "include": (list,), "exclude": (list,),
     "overrides": (dict,), "blocksize": (int,), "percdamp": (int, float), "sequential": (bool,),
+    "refit": (bool,),
 }
 
 
@@ -208,7 +219,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
             ok = value is None or isinstance(value, (str,) if key != "sparsity" else (int, float))
         else:
             ok = isinstance(value, _TYPES[key])
-        if not ok or (isinstance(value, bool) and key not in ("sequential",)):
+        if not ok or (isinstance(value, bool) and key not in ("sequential", "refit")):
             raise PlanError(f"{where}.{key} has the wrong type {type(value).__name__}")
     return cls(**data)
 

@@ -9,6 +9,7 @@ per-layer plan at the same parameter-weighted sparsity.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -119,9 +120,8 @@ def block_sweep(
                         dense = perplexity(model, windows, device=device, progress=False)
                     ppl = dense
                 else:
-                    plan = PruningPlan(method=method, sparsity=spec.fraction, pattern=spec.pattern,
-                                       include=[f"{prefix}.{b}.*"], exclude=list(base.exclude),
-                                       blocksize=base.blocksize, percdamp=base.percdamp, sequential=base.sequential)
+                    plan = dataclasses.replace(base, method=method, sparsity=spec.fraction, pattern=spec.pattern,
+                                               include=[f"{prefix}.{b}.*"], exclude=list(base.exclude), overrides={})
                     pruner = Pruner(model, device=device, keep_masks=False)
                     try:
                         pruner.run(calib, plan, progress=False)
@@ -270,9 +270,8 @@ def plan_from_sensitivity(
     overrides = dict(base.overrides)
     for n, v in zip(names, s):
         overrides[n] = LayerOverride(sparsity=float(v))
-    return PruningPlan(method=base.method, sparsity=target_sparsity, pattern="unstructured", include=list(base.include),
-                       exclude=list(base.exclude), overrides=overrides, blocksize=base.blocksize,
-                       percdamp=base.percdamp, sequential=base.sequential)
+    return dataclasses.replace(base, sparsity=target_sparsity, pattern="unstructured", include=list(base.include),
+                               exclude=list(base.exclude), overrides=overrides)
 
 
 def weighted_sparsity(plan: PruningPlan, sizes: Any) -> float:

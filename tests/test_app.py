@@ -239,6 +239,28 @@ def test_export_then_load_gives_the_same_plan_and_results(model, small_calib, tm
     assert other.state.plan.to_dict() == plan  # a refused file changes nothing
 
 
+def test_refit_checkbox_runs_apt_without_its_refit_and_round_trips(model, small_calib, tmp_path):
+    app = app_for(model, small_calib)
+    app.kinds.value = ("q_proj", "down_proj")
+    clicked_ok(app, app.run_button)
+    refitted = {n: r.error for n, r in app.state.shown.results.items()}
+    clicked_ok(app, app.restore_button)
+    app.refit.value = False
+    assert app.state.plan.refit is False
+    clicked_ok(app, app.run_button)
+    assert [r.label for r in app.state.runs] == ["apt 50% (custom)", "apt (no re-fit) 50% (custom)"]
+    assert all(r.error > refitted[n] for n, r in app.state.shown.results.items())
+
+    path = tmp_path / "run.json"
+    app.export_path.value = str(path)
+    clicked_ok(app, app.export_button)
+    other = app_for(tiny_model("llama"), small_calib)
+    assert other.refit.value is True
+    other.export_path.value = str(path)
+    clicked_ok(other, other.load_button)
+    assert other.refit.value is False and other.state.plan.refit is False
+
+
 def test_invalid_plan_is_reported_and_nothing_runs(model, small_calib):
     dense = weights(model)
     app = app_for(model, small_calib)

@@ -158,6 +158,19 @@ def test_quality_table_columns_and_zero_shot(tiny, text, monkeypatch):
     assert dense[4] == f"{0.25 + calls[0] * 1e-6:.4f}" and pruned[4] == f"{0.25 + calls[1] * 1e-6:.4f}"
 
 
+def test_apt_without_refit_is_labelled_in_rows_tables_and_folders(tiny, text, tmp_path):
+    from apt_viz.compare import write_compare_report
+
+    model, tok = tiny
+    res = compare(model, tok, ["apt"], ["0.5"], calib=text, evaluate=None, nsamples=4, seqlen=16, prompts=(),
+                  progress=False, refit=False)
+    assert res.runs[0].plan["refit"] is False and res.settings["refit"] is False
+    assert [r["method"] for r in res.rows()] == ["dense", "apt (no re-fit)"]
+    assert "| apt (no re-fit) | 50% |" in quality_table(res)
+    write_compare_report(res, tmp_path / "cmp")
+    assert (tmp_path / "cmp" / "runs" / "apt-no-re-fit-50pct" / "plan.json").is_file()
+
+
 def test_explicit_runs_follow_the_cross_product_in_order(tiny, text):
     model, tok = tiny
     res = compare(model, tok, ["magnitude"], ["0.5"], calib=text, evaluate=None, nsamples=2, seqlen=16, prompts=(),

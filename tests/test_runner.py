@@ -71,6 +71,25 @@ def test_apt_layer_error_at_most_sparsegpt_on_model(calib):
         assert errs["apt"][name] <= errs["sparsegpt"][name] * (1 + 1e-5)
 
 
+def test_plan_without_refit_runs_the_paper_form_and_the_refit_lowers_every_error(calib):
+    from apt_viz import sparsify_weight
+
+    errs, weights = {}, {}
+    for refit in (True, False):
+        model = tiny_model("llama")
+        dense = {n: m.weight.detach().clone() for n, m in prunable_layers(model).items()}
+        p = Pruner(model)
+        p.run(calib, PruningPlan(method="apt", sparsity=0.5, include=["model.layers.0.*"], refit=refit), progress=False)
+        errs[refit] = {n: r.error for n, r in p.results.items()}
+        weights[refit] = {n: get_weight(p.layers[n]).detach().clone() for n in p.results}
+    name = "model.layers.0.self_attn.q_proj"  # block 0 sees the dense model's inputs in both runs
+    H = p.hessians.get(name, "cpu")
+    want = sparsify_weight(dense[name], H, 0.5, "apt", final_refit=False).weight
+    assert torch.equal(weights[False][name], want)
+    for name in errs[True]:
+        assert errs[True][name] < errs[False][name]
+
+
 def test_sequential_groups_follow_the_data_flow(calib):
     model = tiny_model("llama")
     p = Pruner(model)

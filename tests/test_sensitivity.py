@@ -90,7 +90,9 @@ def test_plan_from_layer_sweep_keeps_the_weighted_sparsity(calib):
     sizes = layer_sizes(pruner)
     assert len(set(sizes.values())) > 1  # q/o, k/v and the MLP differ in size, so the weighting matters
 
-    plan = plan_from_sensitivity(rows, 0.5, sizes=pruner, spread=0.15, base=PruningPlan(method="magnitude"))
+    base = PruningPlan(method="magnitude", percdamp=0.02, blocksize=64, sequential=True, refit=False)
+    plan = plan_from_sensitivity(rows, 0.5, sizes=pruner, spread=0.15, base=base)
+    assert (plan.percdamp, plan.blocksize, plan.sequential, plan.refit) == (0.02, 64, True, False)  # the base's settings carry over
     fr = {n: plan.layer_settings(n)[1].fraction for n in sizes}
     total = sum(sizes.values())
     assert sum(fr[n] * sizes[n] for n in sizes) / total == pytest.approx(0.5, abs=1e-9)

@@ -115,6 +115,8 @@ class Explorer:
                                      description="load", ensure_option=False)
         self.load_model_button = W.Button(description="Load model", tooltip="restores this model to dense, then loads the other")
         self.method = W.Dropdown(options=list(METHODS), value="apt", description="method")
+        self.refit = W.Checkbox(value=st.plan.refit, description="APT: exact re-fit",
+                                tooltip="re-fit every row exactly on its chosen mask (off: the paper's algorithm alone, about SparseGPT's speed)")
         self.pattern = W.ToggleButtons(options=["unstructured", "N:M"], value="unstructured", description="pattern")
         self.n = W.BoundedIntText(value=2, min=1, max=64, description="N", layout=W.Layout(width="130px"))
         self.m = W.BoundedIntText(value=4, min=2, max=128, description="M", layout=W.Layout(width="130px"))
@@ -174,7 +176,7 @@ class Explorer:
         self.panel = W.VBox([
             W.HBox([self.model_label, self.model_name, self.load_model_button]),
             section("Plan"),
-            W.HBox([self.method, self.pattern]),
+            W.HBox([self.method, self.refit, self.pattern]),
             W.HBox([self.sparsity, self.n, self.m]),
             section("Layers"),
             W.HBox([self.blocks, self.kinds, W.VBox([self.select_all, self.select_none]), self.layer_select]),
@@ -193,7 +195,7 @@ class Explorer:
         self.root.children = [self.panel]  # the displayed container, so a model switch redraws in place
 
     def _wire(self) -> None:
-        for w in (self.method, self.pattern, self.n, self.m, self.sparsity, self.layer_select):
+        for w in (self.method, self.refit, self.pattern, self.n, self.m, self.sparsity, self.layer_select):
             w.observe(lambda _: self._plan_changed(), names="value")
         self.blocks.observe(lambda _: self._blocks_kinds_changed(), names="value")
         self.kinds.observe(lambda _: self._blocks_kinds_changed(), names="value")
@@ -232,7 +234,7 @@ class Explorer:
     def plan_from_widgets(self) -> PruningPlan:
         """The plan the controls describe (validated; overrides come from the current plan)."""
         spec: float | str = f"{self.n.value}:{self.m.value}" if self.pattern.value == "N:M" else self.sparsity.value
-        return self.state.make_plan(self.method.value, spec, "unstructured", list(self.layer_select.value))
+        return self.state.make_plan(self.method.value, spec, "unstructured", list(self.layer_select.value), refit=self.refit.value)
 
     def _plan_changed(self) -> None:
         nm = self.pattern.value == "N:M"
@@ -270,6 +272,7 @@ class Explorer:
         self._syncing = True
         try:
             self.method.value = plan.method
+            self.refit.value = plan.refit
             self.pattern.value = "N:M" if spec.structured else "unstructured"
             if spec.structured:
                 self.m.value, self.n.value = spec.m, spec.n

@@ -132,8 +132,9 @@ class ExplorerState:
         pattern: str = "unstructured",
         layers: Sequence[str] | None = None,
         overrides: dict[str, LayerOverride] | None = None,
+        refit: bool | None = None,
     ) -> PruningPlan:
-        """A validated plan for this model; blocksize, damping and ordering come from the current plan.
+        """A validated plan for this model; blocksize, damping, ordering and (``None``) ``refit`` come from the current plan.
 
         ``layers`` are exact layer names (``None``: all); all of them become ``include=["*"]``.
         """
@@ -146,10 +147,10 @@ class ExplorerState:
                 raise PlanError(f"unknown layer {unknown[0]!r}; nearest names: {nearest(unknown[0], self.layer_names)}")
             chosen = set(layers)
             include = [n for n in self.layer_names if n in chosen]
-        plan = PruningPlan(
-            method=method, sparsity=spec.fraction, pattern=spec.pattern, include=include, exclude=[],
+        plan = dataclasses.replace(
+            self.plan, method=method, sparsity=spec.fraction, pattern=spec.pattern, include=include, exclude=[],
             overrides=dict(self.plan.overrides if overrides is None else overrides),
-            blocksize=self.plan.blocksize, percdamp=self.plan.percdamp, sequential=self.plan.sequential,
+            refit=self.plan.refit if refit is None else refit,
         )
         plan.check_names(self.layer_names)
         return plan
@@ -297,7 +298,7 @@ class ExplorerState:
         record.plan = PruningPlan.from_dict(self.pruner.plan.to_dict()) if self.pruner.plan else record.plan
 
     def _new_label(self, plan: PruningPlan) -> str:
-        base = f"{plan.method} {Sparsity.parse(plan.sparsity, plan.pattern)}"
+        base = f"{plan.method_label} {Sparsity.parse(plan.sparsity, plan.pattern)}"
         if plan.include != ["*"] or plan.exclude or plan.overrides:
             base += " (custom)"
         labels = {r.label for r in self.runs}
