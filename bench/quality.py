@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where each block is pruned and the model evaluated (cpu, cuda)")
     ap.add_argument("--no-ptb", action="store_true", help="evaluate on WikiText-2 only")
+    ap.add_argument("--no-refit", dest="refit", action="store_false", help="APT without its exact re-fit (rows 'apt (no re-fit)')")
     ap.add_argument("--report", default=None, help="also write each run's full report under REPORT/runs/")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
 
     result = compare(model, tok, args.methods, args.specs, calib=calib, evaluate=evaluate, nsamples=args.nsamples,
                      seqlen=args.seqlen, nwindows=args.nwindows, seed=args.seed, device=args.device, progress=False,
-                     on_run=on_run, runs=[tuple(r.split(":", 1)) for r in args.runs])
+                     refit=args.refit, on_run=on_run, runs=[tuple(r.split(":", 1)) for r in args.runs])
     print(f"total {result.seconds:.0f} s; table written to {out}")
 
 
