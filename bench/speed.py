@@ -214,9 +214,8 @@ def bench_real(device: torch.device, repeats: int) -> list[str]:
     return lines
 
 
-# (label, plan settings) of the whole-prune runs; the first is the baseline.
-PIPELINE_RUNS = [("sparsegpt", {"method": "sparsegpt"}), ("apt", {"method": "apt"}),
-                 ("apt (no re-fit)", {"method": "apt", "refit": False})]
+# Plan settings of the whole-prune runs; the first is the baseline.
+PIPELINE_RUNS = [{"method": "sparsegpt"}, {"method": "apt"}, {"method": "apt", "refit": False}]
 
 
 def bench_pipeline(device: torch.device, runs=PIPELINE_RUNS, nsamples: int = 32, seqlen: int = 512) -> list[str]:
@@ -228,12 +227,13 @@ def bench_pipeline(device: torch.device, runs=PIPELINE_RUNS, nsamples: int = 32,
              "| method | whole prune s | x sparsegpt | solver s | other s (capture, forwards, Hessians) | solver s by layer kind |",
              "|---|---|---|---|---|---|"]
     base = None
-    for label, settings in runs:
+    for settings in runs:
+        plan = PruningPlan(sparsity=0.5, **settings)
         pruner = Pruner(model, device=device)
         sync(device)
         t0 = time.perf_counter()
         # A copy: restore() empties the pruner's own results.
-        results = dict(pruner.run(calib, PruningPlan(sparsity=0.5, **settings), progress=False))
+        results = dict(pruner.run(calib, plan, progress=False))
         sync(device)
         total = time.perf_counter() - t0
         pruner.restore()
@@ -243,7 +243,7 @@ def bench_pipeline(device: torch.device, runs=PIPELINE_RUNS, nsamples: int = 32,
         for r in results.values():
             kinds[r.kind] = kinds.get(r.kind, 0.0) + r.seconds
         split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {label} | {total:.0f} | {total / base:.2f} | {solve:.0f} | {total - solve:.0f} | {split} |")
+        lines.append(f"| {plan.method_label} | {total:.0f} | {total / base:.2f} | {solve:.0f} | {total - solve:.0f} | {split} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
