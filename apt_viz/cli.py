@@ -106,7 +106,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
                 written.add(i)
                 write_run_report(partial, run, args.report, meta)
                 ppl = ", ".join(f"{label} {v['pruned']:.2f}" for label, v in run.perplexity.items())
-                print(f"{PruningPlan.from_dict(run.plan).method_label} {Sparsity.parse(run.plan['sparsity'], run.plan['pattern'])}: {ppl or 'no eval'}; "
+                print(f"{run.method_label} {Sparsity.parse(run.plan['sparsity'], run.plan['pattern'])}: {ppl or 'no eval'}; "
                       f"pruned in {run.prune_seconds:.1f} s", flush=True)
         write_quality(partial, args.report, meta)
 

@@ -129,7 +129,7 @@ class CompareResult:
         for r in self.runs:
             spec = Sparsity.parse(r.plan["sparsity"], r.plan["pattern"])
             out.append({
-                "method": PruningPlan.from_dict(r.plan).method_label, "pattern": str(spec), "sparsity": spec.fraction,
+                "method": r.method_label, "pattern": str(spec), "sparsity": spec.fraction,
                 "ppl": {label: v["pruned"] for label, v in r.perplexity.items()},
                 "prune_seconds": r.prune_seconds,
                 "mean_rel_error": sum(layer["rel_error"] for layer in r.layers) / len(r.layers) if r.layers else None,
@@ -264,7 +264,7 @@ def write_run_report(result: CompareResult, run: JobResult, folder: str | os.Pat
     """The full ``apt-viz prune`` report of one run, in ``folder/runs/<method>-<pattern>/``."""
     spec = Sparsity.parse(run.plan["sparsity"], run.plan["pattern"])
     extra = {k: result.settings.get(k) for k in ("seed", "nsamples", "seqlen")}
-    return write_report(run, Path(folder) / "runs" / run_folder_name(PruningPlan.from_dict(run.plan).method_label, spec), {**(meta or {}), **extra})
+    return write_report(run, Path(folder) / "runs" / run_folder_name(run.method_label, spec), {**(meta or {}), **extra})
 
 
 def write_compare_report(result: CompareResult, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:

@@ -219,7 +219,8 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
             ok = value is None or isinstance(value, (str,) if key != "sparsity" else (int, float))
         else:
             ok = isinstance(value, _TYPES[key])
-        if not ok or (isinstance(value, bool) and key not in ("sequential", "refit")):
+        # bool is an int to isinstance: refuse it wherever the field is not itself a bool.
+        if not ok or (isinstance(value, bool) and bool not in _TYPES.get(key, ())):
             raise PlanError(f"{where}.{key} has the wrong type {type(value).__name__}")
     return cls(**data)
 

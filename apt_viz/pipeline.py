@@ -60,6 +60,11 @@ class JobResult:
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
     zeroshot: dict[str, Any] | None = None
 
+    @property
+    def method_label(self) -> str:
+        """The plan's method as tables show it (:attr:`PruningPlan.method_label`)."""
+        return PruningPlan.from_dict(self.plan).method_label
+
 
 def corpus_label(spec: str | os.PathLike) -> str:
     """A short column name for a corpus: the corpus name, or the text file's name."""
