@@ -31,7 +31,7 @@ import torch
 from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
 from apt_viz.hessian import inverse_and_factor, prepare
 from apt_viz.solvers.apt import REFIT_RTOL, select_mask
-from apt_viz.solvers.refit import refit_pcg
+from apt_viz.solvers.refit import BFLOAT16_MIN_COLS, refit_matmul_dtype, refit_pcg
 
 CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 8192)]
 GPU_SHAPES = CPU_SHAPES + [(4096, 4096), (4096, 11008)]
@@ -40,6 +40,13 @@ REAL_LAYERS = [f"model.layers.{b}.{n}" for b in (5, 15) for n in ("self_attn.q_p
 # (label, method, solver options): APT with and without its final exact re-fit.
 VARIANTS = [("magnitude", "magnitude", {}), ("wanda", "wanda", {}), ("sparsegpt", "sparsegpt", {}),
             ("apt (no re-fit)", "apt", {"final_refit": False}), ("apt", "apt", {})]
+# Where APT's default re-fit runs its matmuls in bfloat16, the float32 re-fit is timed beside it.
+FLOAT32_REFIT = ("apt (float32 re-fit)", "apt", {"refit_dtype": "float32"})
+
+
+def variants(device: torch.device) -> list[tuple[str, str, dict]]:
+    """The solver variants timed on ``device``."""
+    return VARIANTS + ([FLOAT32_REFIT] if refit_matmul_dtype("auto", device) != torch.float32 else [])
 
 
 def sync(device: torch.device) -> None:
@@ -87,7 +94,7 @@ def time_variants(W, H, spec: str, device: torch.device, repeats: int, skip=()) 
     The variants take turns, one run each per round after a warm-up round, so that a drift in the
     host's speed (on a shared CPU it moves by a quarter within minutes) reaches all of them alike.
     """
-    runs = {label: (lambda m=m, opts=opts: sparsify_weight(W, H, spec, m, **opts)) for label, m, opts in VARIANTS if m not in skip}
+    runs = {label: (lambda m=m, opts=opts: sparsify_weight(W, H, spec, m, **opts)) for label, m, opts in variants(device) if m not in skip}
     errors = {label: layer_error(W, fn().weight, H)[1] for label, fn in runs.items()}
     samples: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
@@ -133,7 +140,8 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
     pruned, _, _ = select_mask(W, U, s, 128)
     sync(device)
     t2 = time.perf_counter()
-    iters = refit_pcg(W, H, ~pruned, Hinv, error_rtol=REFIT_RTOL).iters
+    dtype = refit_matmul_dtype("auto", device, cols)
+    fit = refit_pcg(W, H, ~pruned, Hinv, error_rtol=REFIT_RTOL, matmul_dtype=dtype)
     sync(device)
     t3 = time.perf_counter()
     total = t3 - t0
@@ -144,7 +152,8 @@ def profile_apt(cols: int, rows: int, spec: str, device: torch.device) -> list[s
         "|---|---|---|",
         f"| damping + inverse factor | {t1 - t0:.3f} | {(t1 - t0) / total:.0%} |",
         f"| mask selection (block-joint OBS) | {t2 - t1:.3f} | {(t2 - t1) / total:.0%} |",
-        f"| exact re-fit (PCG, {iters} iterations) | {t3 - t2:.3f} | {(t3 - t2) / total:.0%} |",
+        f"| exact re-fit (PCG, {fit.iters} iterations, {fit.iters - fit.float32_iters} of them in"
+        f" {str(dtype).removeprefix('torch.')}) | {t3 - t2:.3f} | {(t3 - t2) / total:.0%} |",
     ]
 
 
@@ -273,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up;"
         " on each layer the solvers take turns, one run each per round.",
         "Limit = (in^3 + 2 out in^2) flops at that peak: the inverse plus one update pass.",
+        f"APT's re-fit runs its matmuls in {str(refit_matmul_dtype('auto', device)).removeprefix('torch.')}"
+        f" on this device for layers of {BFLOAT16_MIN_COLS} input columns or more, else in float32"
+        " (`refit_dtype='auto'`); its certified stop is checked in float32.",
         "",
     ]
     if not args.pipeline_only:

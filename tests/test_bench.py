@@ -18,12 +18,17 @@ def _load(name: str):
     return module
 
 def test_speed_quick_writes_every_method_and_pattern(tmp_path):
+    import torch
+
     out = tmp_path / "speed.md"
-    _load("speed").main(["--quick", "--repeats", "1", "--out", str(out)])
+    speed = _load("speed")
+    speed.main(["--quick", "--repeats", "1", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 x 128") or line.startswith("| 128 x 64")]
-    # 2 shapes x 2 patterns x 5 solvers, each with a finite error.
-    assert len(rows) == 20
-    for method in ("magnitude", "wanda", "sparsegpt", "apt (no re-fit)", "apt"):
+    # 2 shapes x 2 patterns x every solver variant, each with a finite error.
+    labels = [label for label, _, _ in speed.variants(torch.device("cpu"))]
+    assert {"magnitude", "wanda", "sparsegpt", "apt (no re-fit)", "apt"} <= set(labels)
+    assert len(rows) == 4 * len(labels)
+    for method in labels:
         assert sum(f"| {method} |" in r for r in rows) == 4
     assert all(math.isfinite(float(r.split("|")[-2])) for r in rows)
     assert "fraction of matmul peak" in out.read_text() and "exact re-fit (PCG" in out.read_text()

@@ -134,11 +134,13 @@ def test_apt_pcg_refit_matches_direct_refit(spec, device):
     assert torch.linalg.norm(a.weight - b.weight) <= 1e-4 * torch.linalg.norm(b.weight)
 
 
+@pytest.mark.parametrize("refit_dtype", ["float32", "bfloat16", "auto"])
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
-def test_apt_default_early_stop_costs_under_a_thousandth_of_the_error(spec, device):
-    """The default's certified stop: the layer error is the exact optimum's to REFIT_RTOL (1e-3) relative."""
+def test_apt_default_early_stop_costs_under_a_thousandth_of_the_error(spec, refit_dtype, device):
+    """The default's certified stop: the layer error is the exact optimum's to REFIT_RTOL (1e-3) relative,
+    whichever dtype the re-fit's matmuls run in."""
     W, X, H = layer(4, rows=48, cols=256, n=1024, device=device)
-    fast = sparsify_weight(W, H, spec, "apt")
+    fast = sparsify_weight(W, H, spec, "apt", refit_dtype=refit_dtype)
     exact = sparsify_weight(W, H, spec, "apt", refit_solver="direct")
     assert torch.equal(fast.mask, exact.mask)
     e_fast, e_exact = layer_error(W, fast.weight, H)[0], layer_error(W, exact.weight, H)[0]
@@ -236,15 +238,17 @@ def test_apt_beats_sparsegpt_when_outlier_inputs_are_adjacent(spec, device):
     assert e_apt <= e_sgpt
 
 
+@pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec", ["0.5", "2:4", "0.7"])
 @pytest.mark.parametrize("rtol", [1e-2, 1e-3])
-def test_pcg_error_rtol_certifies_the_error_and_reports_it_exactly(spec, rtol, device):
-    """The certified stop: the error is within ``rtol`` of the optimum's, and is the weight's own."""
+def test_pcg_error_rtol_certifies_the_error_and_reports_it_exactly(spec, rtol, matmul_dtype, device):
+    """The certified stop: the error is within ``rtol`` of the optimum's, and is the weight's own,
+    with float32 or bfloat16 matmuls."""
     W, X, H = layer(10, rows=40, cols=256, n=1024, device=device)
     keep = sparsify_weight(W, H, spec, "wanda").mask
     Wp, Hd, damp = prepare(W, H, 0.01)
     Hinv = torch.linalg.inv(Hd.double()).float()
-    res = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=rtol)
+    res = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=rtol, matmul_dtype=matmul_dtype)
     exact = refit_pcg(Wp, Hd, keep, Hinv, tol=0.0, max_iters=400)
     e_opt = layer_error(Wp, refit(Wp, Hd, keep, Hinv=Hinv), Hd)[0]
     e_got = layer_error(Wp, res.weight, Hd)[0]
@@ -253,6 +257,43 @@ def test_pcg_error_rtol_certifies_the_error_and_reports_it_exactly(spec, rtol, d
     assert res.error == pytest.approx(e_got, rel=1e-4)
     # The stop saves iterations over running to convergence.
     assert res.iters < exact.iters
+    # bfloat16's rounding stays far below these tolerances: no float32 iteration is needed.
+    assert res.float32_iters == (res.iters if matmul_dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_pcg_in_bfloat16_goes_on_in_float32_when_its_rounding_blocks_the_stop(spec, device):
+    """Below bfloat16's rounding floor the float32 check fails, and float32 iterations reach the tolerance."""
+    W, X, H = layer(10, rows=40, cols=256, n=1024, device=device)
+    keep = sparsify_weight(W, H, spec, "wanda").mask
+    Wp, Hd, damp = prepare(W, H, 0.01)
+    Hinv = torch.linalg.inv(Hd.double()).float()
+    rtol = 1e-6
+    res = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=rtol, matmul_dtype=torch.bfloat16)
+    e_opt = layer_error(Wp, refit(Wp, Hd, keep, Hinv=Hinv), Hd)[0]
+    e_got = layer_error(Wp, res.weight, Hd)[0]
+    assert 0 < res.float32_iters < res.iters
+    assert torch.all(res.weight[~keep] == 0)
+    assert e_got <= e_opt * (1 + 2 * rtol)
+    assert res.error == pytest.approx(e_got, rel=1e-5)
+
+
+def test_refit_dtype_auto_follows_the_cpu_and_bad_names_are_refused(monkeypatch):
+    """'auto' takes bfloat16 only on CPUs with bfloat16 matmul instructions; other names must be exact."""
+    import importlib
+
+    # The package's ``refit`` function shadows the module of that name.
+    refit_module = importlib.import_module("apt_viz.solvers.refit")
+
+    monkeypatch.setattr(refit_module, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert refit_module.refit_matmul_dtype("auto", "cpu") == torch.bfloat16
+    assert refit_module.refit_matmul_dtype("auto", "cpu", cols=refit_module.BFLOAT16_MIN_COLS - 1) == torch.float32
+    monkeypatch.setattr(refit_module, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert refit_module.refit_matmul_dtype("auto", "cpu") == torch.float32
+    assert refit_module.refit_matmul_dtype("bfloat16", "cpu") == torch.bfloat16
+    W, X, H = layer(4, rows=8, cols=32)
+    with pytest.raises(ValueError, match="refit_dtype must be 'auto', 'float32' or 'bfloat16'"):
+        sparsify_weight(W, H, "0.5", "apt", refit_dtype="fp16")
 
 
 @pytest.mark.parametrize("k", [0, 1, 37, 100, 199, 200])

@@ -24,7 +24,7 @@ assert tuple(SOLVERS) == METHODS
 
 _SOLVER_OPTIONS = {
     "sparsegpt": ("blocksize", "percdamp"),
-    "apt": ("blocksize", "joint_block", "percdamp", "final_refit", "refit_solver", "refit_rtol"),
+    "apt": ("blocksize", "joint_block", "percdamp", "final_refit", "refit_solver", "refit_rtol", "refit_dtype"),
 }
 
 
@@ -34,7 +34,7 @@ def sparsify_weight(
     """Prune one weight matrix ``W`` (out x in) given its Hessian ``H`` (in x in).
 
     ``options`` (``blocksize``, ``percdamp``, and for apt ``joint_block``, ``final_refit``,
-    ``refit_solver``, ``refit_rtol``) reach the methods that use them and are ignored by the others;
+    ``refit_solver``, ``refit_rtol``, ``refit_dtype``) reach the methods that use them and are ignored by the others;
     ``None`` keeps the method's default. Sparsity 0 returns ``W`` unchanged.
     """
     spec = Sparsity.parse(sparsity)

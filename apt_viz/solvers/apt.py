@@ -23,7 +23,7 @@ import torch
 from ..config import Sparsity
 from ..hessian import inverse_and_factor, inverse_factor, prepare
 from .masks import block_count, check_shape, lowest
-from .refit import refit, refit_pcg
+from .refit import refit, refit_matmul_dtype, refit_pcg
 from .result import SolverResult
 
 JOINT_BLOCK = 32
@@ -43,6 +43,7 @@ def prune_apt(
     final_refit: bool = True,
     refit_solver: str = "pcg",
     refit_rtol: float = REFIT_RTOL,
+    refit_dtype: str = "auto",
 ) -> SolverResult:
     """Prune ``W`` (out x in) against ``H`` with APT; returns the updated weight and mask.
 
@@ -60,11 +61,15 @@ def prune_apt(
     iteration) or ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same
     least-squares optimum. ``refit_rtol``: PCG stops once the layer error is certified within this
     fraction of the optimum's (0 runs to the residual tolerance instead; ``"direct"`` is exact).
+    ``refit_dtype``: the PCG matmuls' dtype, ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16
+    where the device has bfloat16 matmul units, see :func:`refit_matmul_dtype`). The certified
+    stop is checked in float32 either way, so the error meets ``refit_rtol`` on both.
     """
     if refit_solver not in ("pcg", "direct"):
         raise ValueError(f"refit_solver must be 'pcg' or 'direct', got {refit_solver!r}")
     if not isinstance(joint_block, int) or joint_block < 1:
         raise ValueError(f"joint_block must be a positive integer (32 is the default), got {joint_block!r}")
+    matmul_dtype = refit_matmul_dtype(refit_dtype, W.device, W.shape[-1])
     check_shape(W, H, spec)
     W, H, damp = prepare(W, H, percdamp)
     # Only the re-fit needs H^-1 itself; without it, skip keeping an n x n copy.
@@ -75,7 +80,8 @@ def prune_apt(
     err = None
     if final_refit:
         if refit_solver == "pcg":
-            W_new, _, err = refit_pcg(W, H, ~pruned, Hinv, error_rtol=refit_rtol)
+            fit = refit_pcg(W, H, ~pruned, Hinv, error_rtol=refit_rtol, matmul_dtype=matmul_dtype)
+            W_new, err = fit.weight, fit.error
         else:
             W_new = refit(W, H, ~pruned, Hinv=Hinv)
     else:

@@ -14,9 +14,15 @@ on the pruned form for every row at once, one matmul with ``Hinv`` per iteration
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
+
+REFIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Narrower layers re-fit faster in float32 on CPU: there bfloat16's float32 check (two matmuls)
+# and casts outweigh its cheaper iterations (0.75x at 128 columns, 1.2x at 256, 1.5x at 512).
+BFLOAT16_MIN_COLS = 256
 
 
 def refit(
@@ -70,12 +76,14 @@ def refit(
 
 
 class PCGResult(NamedTuple):
-    """What :func:`refit_pcg` returns: the re-fitted weight, the iterations run, and the layer
-    error ``sum_rows (w'-w) H (w'-w)^T`` of that weight."""
+    """What :func:`refit_pcg` returns: the re-fitted weight, the iterations run, the layer
+    error ``sum_rows (w'-w) H (w'-w)^T`` of that weight, and how many of the iterations ran with
+    float32 matmuls (all of them unless ``matmul_dtype`` is lower)."""
 
     weight: torch.Tensor
     iters: int
     error: float
+    float32_iters: int
 
 
 def refit_pcg(
@@ -88,6 +96,7 @@ def refit_pcg(
     tol: float = 1e-5,
     error_rtol: float = 0.0,
     max_iters: int = 200,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> PCGResult:
     """Re-fit ``W``'s rows on ``keep`` by preconditioned conjugate gradients on the pruned form.
 
@@ -106,7 +115,17 @@ def refit_pcg(
     of the two, says it may pass; that matmul also gives the returned error. Otherwise iterations stop
     when every row's preconditioned residual ``s z^T`` is below ``tol^2`` times its scale
     ``sum_j w_j^2 H_jj``.
+
+    ``matmul_dtype=torch.bfloat16`` runs the iterations' matmuls (with ``Hinv``, ``H`` and the
+    preconditioner's blocks) in bfloat16 and the rest in float32: 1.3-2x faster re-fits where the
+    hardware has bfloat16 matmul units, in the same number of iterations. Its rounding
+    leaves the error about 3e-5 above the optimum's on SmolLM2 layers, far below a certified
+    stop's ``error_rtol``, so it applies only with ``error_rtol > 0``. The stop is then checked
+    again in float32 (the residual and bound recomputed from ``a``, two matmuls), and if that check
+    fails, CG goes on in float32 from ``a``: the certificate is a float32 one either way.
     """
+    if matmul_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype!r}")
     Wf = W.to(torch.float32)
     P = (~keep).to(torch.float32)
     cols = W.shape[1]
@@ -115,60 +134,127 @@ def refit_pcg(
     prec = [torch.cholesky_inverse(torch.linalg.cholesky(Hinv[i:j, i:j])) for i, j in blocks]
 
     def precondition(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        for (i, j), B in zip(blocks, prec):
-            torch.mm(s[:, i:j], B, out=out[:, i:j])
+        for (i, j), B in zip(blocks, prec_m if low else prec):
+            _product(s[:, i:j], B, out[:, i:j])
         # A float mask multiplies several times faster than masked_fill with a bool one on CPU.
         return out.mul_(P)
 
     tiny = torch.finfo(torch.float32).tiny
     hdiag = torch.diagonal(H)
-    s = Wf * P
-    aHinv = torch.zeros_like(Wf)
-    t = torch.empty_like(Wf)
-    z = precondition(s, torch.empty_like(Wf))
-    p = z.clone()
-    rz = _rowdot(s, z)
+    wP = Wf * P
     stop = tol**2 * ((Wf * Wf) @ hdiag[:, None]).clamp_min(tiny)
-    bound, ratio, sH = 0.0, 1.0, None
-    sampled, step = False, max(1, W.shape[0] // 64)
-    it = 0
-    while it < max_iters and bool((rz > stop).any()):
-        torch.mm(p, Hinv, out=t)
-        # p lives on P, so p t^T is p Hinv_PP p^T. Converged rows have p ~ 0: guard the division
-        # instead of dropping them from the batch.
-        alpha = rz / _rowdot(p, t).clamp_min(tiny)
-        aHinv.addcmul_(alpha, t)
-        s.addcmul_(alpha, t.mul_(P), value=-1.0)
-        it += 1
-        # A CG step along p raises the dual bound by exactly alpha * s z^T.
-        bound += float((alpha * rz).sum())
+    low = matmul_dtype != torch.float32 and error_rtol > 0
+    Hinv_m, H_m = (Hinv.to(matmul_dtype), H.to(matmul_dtype)) if low else (Hinv, H)
+    prec_m = [B.to(matmul_dtype) for B in prec] if low else prec
+    a = torch.zeros_like(Wf) if low else None
+    aHinv = torch.zeros_like(Wf)
+    s = wP.clone()
+    t = torch.empty_like(Wf)
+    z = torch.empty_like(Wf)
+    bound, sH, it, low_iters = 0.0, None, 0, 0
+    # At most two passes: bfloat16 iterations and their float32 check, then float32 iterations
+    # from the checked multipliers if the check failed.
+    while True:
         z = precondition(s, z)
-        rz_new = _rowdot(s, z)
-        # s z^T tracks the gap s H s^T up to a factor that drifts slowly. Near the stop the factor
-        # is first measured on a sample of rows, so the full check (a matmul) rarely fails; each
-        # full check re-measures it.
-        if error_rtol > 0:
-            estimate = float(rz_new.sum())
-            if not sampled and ratio * estimate <= 10 * error_rtol * bound:
-                rows_s = slice(None, None, step)
-                g = float(_rowdot(s[rows_s] @ H, s[rows_s]).sum())
-                ratio = max(ratio, g / max(float(rz_new[rows_s].sum()), tiny))
-                sampled = True
-            if ratio * estimate <= error_rtol * bound:
-                sH = s @ H
-                gap = float(_rowdot(sH, s).sum())
-                if gap <= error_rtol * bound:
-                    break
-                ratio = gap / max(estimate, tiny)
-                sH = None
-        # p <- z + beta p, written into z's buffer; the old p becomes the next z's buffer.
-        z.addcmul_(p, rz_new / rz.clamp_min(tiny))
-        p, z = z, p
-        rz = rz_new
+        p = z.clone()
+        rz = _rowdot(s, z)
+        ratio, sampled = 1.0, False
+        while it < max_iters and bool((rz > stop).any()):
+            _product(p, Hinv_m, t)
+            # p lives on P, so p t^T is p Hinv_PP p^T. Converged rows have p ~ 0: guard the division
+            # instead of dropping them from the batch.
+            alpha = rz / _rowdot(p, t).clamp_min(tiny)
+            # In bfloat16 the products accumulate rounding, so a is kept to recompute a Hinv once.
+            if low:
+                a.addcmul_(alpha, p)
+            else:
+                aHinv.addcmul_(alpha, t)
+            s.addcmul_(alpha, t.mul_(P), value=-1.0)
+            it += 1
+            # A CG step along p raises the dual bound by exactly alpha * s z^T.
+            bound += float((alpha * rz).sum())
+            z = precondition(s, z)
+            rz_new = _rowdot(s, z)
+            # s z^T tracks the gap s H s^T up to a factor that drifts slowly. Near the stop the factor
+            # is first measured on a sample of rows, so the full check (a matmul) rarely fails; each
+            # full check re-measures it.
+            if error_rtol > 0:
+                estimate = float(rz_new.sum())
+                if not sampled and ratio * estimate <= 10 * error_rtol * bound:
+                    rows_s = slice(None, None, max(1, W.shape[0] // 64))
+                    g = float(_rowdot(_product(s[rows_s], H_m), s[rows_s]).sum())
+                    ratio = max(ratio, g / max(float(rz_new[rows_s].sum()), tiny))
+                    sampled = True
+                if ratio * estimate <= error_rtol * bound:
+                    sH = _product(s, H_m)
+                    gap = float(_rowdot(sH, s).sum())
+                    if gap <= error_rtol * bound:
+                        break
+                    ratio = gap / max(estimate, tiny)
+                    sH = None
+            # p <- z + beta p, written into z's buffer; the old p becomes the next z's buffer.
+            z.addcmul_(p, rz_new / rz.clamp_min(tiny))
+            p, z = z, p
+            rz = rz_new
+        if not low:
+            break
+        low_iters = it
+        # The bfloat16 products left s and the bound a rounding off: recompute both from a.
+        low, Hinv_m, H_m = False, Hinv, H
+        torch.mm(a, Hinv, out=aHinv)
+        s = torch.sub(wP, aHinv).mul_(P)
+        bound = float(_rowdot(a, wP + s).sum())
+        sH = s @ H
+        if it >= max_iters or float(_rowdot(sH, s).sum()) <= error_rtol * bound:
+            break
+        sH = None
     if sH is None:
         sH = s @ H
     err = bound + float(_rowdot(sH, s).sum())
-    return PCGResult(aHinv.neg_().add_(Wf).mul_(1.0 - P), it, max(err, 0.0))
+    return PCGResult(aHinv.neg_().add_(Wf).mul_(1.0 - P), it, max(err, 0.0), it - low_iters)
+
+
+def refit_matmul_dtype(choice: str, device: torch.device | str, cols: int = BFLOAT16_MIN_COLS) -> torch.dtype:
+    """The dtype of :func:`refit_pcg`'s matmuls for ``choice`` (``"auto"``, ``"float32"`` or ``"bfloat16"``).
+
+    ``"auto"`` picks bfloat16 for layers of at least ``BFLOAT16_MIN_COLS`` input columns where it
+    is several times faster than float32: CUDA GPUs of compute capability 8.0 or later (tensor
+    cores), and CPUs with AVX512-BF16 or AMX instructions (3-4x measured on one AMD EPYC core).
+    Elsewhere bfloat16 matmuls may be slower than float32 ones.
+    """
+    if choice == "auto":
+        device = torch.device(device)
+        if cols < BFLOAT16_MIN_COLS:
+            fast = False
+        elif device.type == "cuda":
+            fast = torch.cuda.get_device_capability(device) >= (8, 0)
+        else:
+            fast = device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return torch.bfloat16 if fast else torch.float32
+    if choice not in REFIT_DTYPES:
+        raise ValueError(f"refit_dtype must be 'auto', 'float32' or 'bfloat16', got {choice!r}")
+    return REFIT_DTYPES[choice]
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's instruction set flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _product(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ M`` in ``M``'s dtype, returned (or written into ``out``) in float32."""
+    if M.dtype == x.dtype:
+        return torch.mm(x, M) if out is None else torch.mm(x, M, out=out)
+    r = torch.mm(x.to(M.dtype), M)
+    return r.float() if out is None else out.copy_(r)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
