@@ -296,13 +296,26 @@ def test_refit_dtype_auto_follows_the_cpu_and_bad_names_are_refused(monkeypatch)
         sparsify_weight(W, H, "0.5", "apt", refit_dtype="fp16")
 
 
+def _scores(kind: str, g: torch.Generator) -> torch.Tensor:
+    if kind == "ties":  # many equal scores
+        return torch.randint(0, 7, (10, 20), generator=g).float()
+    if kind == "signed":  # negative and positive, over many magnitudes
+        return torch.randn(10, 20, generator=g) * 10.0 ** torch.randint(-20, 20, (10, 20), generator=g)
+    if kind == "zeros":  # -0.0 and +0.0 are equal scores
+        ones = (torch.rand(10, 20, generator=g) < 0.3).float()
+        return torch.where((torch.rand(10, 20, generator=g) < 0.5) & (ones == 0), -0.0, ones)
+    if kind == "close":  # all share their high 16 bits, so the low bits decide
+        return 1.0 + torch.randint(0, 50, (10, 20), generator=g).float() * 2.0**-23
+    return torch.randint(0, 7, (10, 20), generator=g).double()  # float64 takes the k-th value path
+
+
+@pytest.mark.parametrize("kind", ["ties", "signed", "zeros", "close", "float64"])
 @pytest.mark.parametrize("k", [0, 1, 37, 100, 199, 200])
-def test_lowest_picks_exactly_k_smallest_with_ties_by_index(k, device):
-    """The k-th value threshold keeps exactly k entries; among equal scores the lowest index goes first."""
+def test_lowest_picks_exactly_k_smallest_with_ties_by_index(k, kind, device):
+    """Exactly k entries are kept, the smallest; among equal scores the lowest index goes first."""
     from apt_viz.solvers.masks import lowest
 
-    g = torch.Generator().manual_seed(11)
-    score = torch.randint(0, 7, (10, 20), generator=g).float().to(device)  # many ties
+    score = _scores(kind, torch.Generator().manual_seed(11)).to(device)
     mask = lowest(score, k)
     assert int(mask.sum()) == k
     # Reference: a stable sort by (score, flat index).
