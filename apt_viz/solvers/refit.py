@@ -151,7 +151,8 @@ def refit_pcg(
     s = wP.clone()
     t = torch.empty_like(Wf)
     z = torch.empty_like(Wf)
-    bound, sH, it, low_iters = 0.0, None, 0, 0
+    # gap: s H s^T of the current s, when a check has measured it (in float32 after the last pass).
+    bound, gap, it, low_iters = 0.0, None, 0, 0
     # At most two passes: bfloat16 iterations and their float32 check, then float32 iterations
     # from the checked multipliers if the check failed.
     while True:
@@ -186,12 +187,11 @@ def refit_pcg(
                     ratio = max(ratio, g / max(float(rz_new[rows_s].sum()), tiny))
                     sampled = True
                 if ratio * estimate <= error_rtol * bound:
-                    sH = _product(s, H_m)
-                    gap = float(_rowdot(sH, s).sum())
+                    gap = float(_rowdot(_product(s, H_m), s).sum())
                     if gap <= error_rtol * bound:
                         break
                     ratio = gap / max(estimate, tiny)
-                    sH = None
+                    gap = None
             # p <- z + beta p, written into z's buffer; the old p becomes the next z's buffer.
             z.addcmul_(p, rz_new / rz.clamp_min(tiny))
             p, z = z, p
@@ -204,13 +204,13 @@ def refit_pcg(
         torch.mm(a, Hinv, out=aHinv)
         s = torch.sub(wP, aHinv).mul_(P)
         bound = float(_rowdot(a, wP + s).sum())
-        sH = s @ H
-        if it >= max_iters or float(_rowdot(sH, s).sum()) <= error_rtol * bound:
+        gap = float(_rowdot(s @ H, s).sum())
+        if it >= max_iters or gap <= error_rtol * bound:
             break
-        sH = None
-    if sH is None:
-        sH = s @ H
-    err = bound + float(_rowdot(sH, s).sum())
+        gap = None
+    if gap is None:
+        gap = float(_rowdot(s @ H, s).sum())
+    err = bound + gap
     return PCGResult(aHinv.neg_().add_(Wf).mul_(1.0 - P), it, max(err, 0.0), it - low_iters)
 
 
