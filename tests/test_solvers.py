@@ -278,6 +278,27 @@ def test_pcg_in_bfloat16_goes_on_in_float32_when_its_rounding_blocks_the_stop(sp
     assert res.error == pytest.approx(e_got, rel=1e-5)
 
 
+@pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])
+def test_pcg_row_products_in_chunks_give_the_same_refit(matmul_dtype, monkeypatch, device):
+    """Big layers take their row-wise dot products in cache-sized chunks of rows; small chunks,
+    with a short last one, give the same products and the same re-fit."""
+    import importlib
+
+    refit_module = importlib.import_module("apt_viz.solvers.refit")
+    W, X, H = layer(11, rows=40, cols=256, n=1024, device=device)
+    keep = sparsify_weight(W, H, "0.5", "wanda").mask
+    Wp, Hd, damp = prepare(W, H, 0.01)
+    Hinv = torch.linalg.inv(Hd.double()).float()
+    whole = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=1e-3, matmul_dtype=matmul_dtype)
+    monkeypatch.setattr(refit_module, "ROWDOT_CHUNK", 3 * 256 + 5)  # 3 rows a chunk, the last one 1
+    a, b = Wp, Wp.flip(0)
+    torch.testing.assert_close(refit_module._rowdot(a, b)[:, 0], (a * b).sum(1), rtol=1e-5, atol=1e-5)
+    chunked = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=1e-3, matmul_dtype=matmul_dtype)
+    assert chunked.iters == whole.iters
+    assert chunked.error == pytest.approx(whole.error, rel=1e-5)
+    torch.testing.assert_close(chunked.weight, whole.weight, rtol=1e-4, atol=1e-5)
+
+
 def test_refit_dtype_auto_follows_the_cpu_and_bad_names_are_refused(monkeypatch):
     """'auto' takes bfloat16 only on CPUs with bfloat16 matmul instructions; other names must be exact."""
     import importlib

@@ -134,23 +134,34 @@ def refit_pcg(
     prec = [torch.cholesky_inverse(torch.linalg.cholesky(Hinv[i:j, i:j])) for i, j in blocks]
 
     def precondition(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        for (i, j), B in zip(blocks, prec_m):
-            _product(s[:, i:j], B, out[:, i:j])
         # A float mask multiplies several times faster than masked_fill with a bool one on CPU.
-        return out.mul_(P)
+        if prec_m[0].dtype == s.dtype:
+            for (i, j), B in zip(blocks, prec_m):
+                torch.mm(s[:, i:j], B, out=out[:, i:j])
+            return out.mul_(P)
+        # One cast of the whole residual, then each block's product in place in the scratch. (A
+        # mixed-dtype ``torch.mul(rb, P, out=out)`` is 3x slower on CPU than the cast and the mask.)
+        xb, rb = scratch
+        xb.copy_(s)
+        for (i, j), B in zip(blocks, prec_m):
+            torch.mm(xb[:, i:j], B, out=rb[:, i:j])
+        return out.copy_(rb).mul_(P)
 
     tiny = torch.finfo(torch.float32).tiny
     hdiag = torch.diagonal(H)
     wP = Wf * P
-    stop = tol**2 * ((Wf * Wf) @ hdiag[:, None]).clamp_min(tiny)
     low = matmul_dtype != torch.float32 and error_rtol > 0
     Hinv_m, H_m = (Hinv.to(matmul_dtype), H.to(matmul_dtype)) if low else (Hinv, H)
     prec_m = [B.to(matmul_dtype) for B in prec] if low else prec
+    # Weight-sized casts and products go through these buffers: a fresh weight-sized temporary
+    # is mapped anew by the allocator, and its page faults cost as much as the cast itself.
+    scratch = (torch.empty_like(Wf, dtype=matmul_dtype), torch.empty_like(Wf, dtype=matmul_dtype)) if low else None
     a = torch.zeros_like(Wf) if low else None
     aHinv = torch.zeros_like(Wf)
     s = wP.clone()
     t = torch.empty_like(Wf)
     z = torch.empty_like(Wf)
+    stop = tol**2 * (torch.mul(Wf, Wf, out=t) @ hdiag[:, None]).clamp_min(tiny)
     # gap: s H s^T of the current s, when a check has measured it (in float32 after the last pass).
     bound, gap, it, low_iters = 0.0, None, 0, 0
     # At most two passes: bfloat16 iterations and their float32 check, then float32 iterations
@@ -161,7 +172,7 @@ def refit_pcg(
         rz = _rowdot(s, z)
         ratio, sampled = 1.0, False
         while it < max_iters and bool((rz > stop).any()):
-            _product(p, Hinv_m, t)
+            _product(p, Hinv_m, t, scratch)
             # p lives on P, so p t^T is p Hinv_PP p^T. Converged rows have p ~ 0: guard the division
             # instead of dropping them from the batch.
             alpha = rz / _rowdot(p, t).clamp_min(tiny)
@@ -187,7 +198,8 @@ def refit_pcg(
                     ratio = max(ratio, g / max(float(rz_new[rows_s].sum()), tiny))
                     sampled = True
                 if ratio * estimate <= error_rtol * bound:
-                    gap = float(_rowdot(_product(s, H_m), s).sum())
+                    # t is free until the next iteration's product.
+                    gap = float(_rowdot(_product(s, H_m, t, scratch), s).sum())
                     if gap <= error_rtol * bound:
                         break
                     ratio = gap / max(estimate, tiny)
@@ -202,16 +214,18 @@ def refit_pcg(
         # The bfloat16 products left s and the bound a rounding off: recompute both from a.
         low, Hinv_m, H_m, prec_m = False, Hinv, H, prec
         torch.mm(a, Hinv, out=aHinv)
-        s = torch.sub(wP, aHinv).mul_(P)
-        bound = float(_rowdot(a, wP + s).sum())
-        gap = float(_rowdot(s @ H, s).sum())
+        torch.sub(wP, aHinv, out=s).mul_(P)
+        bound = float(_rowdot(a, torch.add(wP, s, out=t)).sum())
+        gap = float(_rowdot(torch.mm(s, H, out=t), s).sum())
         if it >= max_iters or gap <= error_rtol * bound:
             break
         gap = None
     if gap is None:
-        gap = float(_rowdot(s @ H, s).sum())
+        gap = float(_rowdot(torch.mm(s, H, out=t), s).sum())
     err = bound + gap
-    return PCGResult(aHinv.neg_().add_(Wf).mul_(1.0 - P), it, max(err, 0.0), it - low_iters)
+    # P is done with: it becomes the kept mask in place (``1.0 - P`` broadcasts a scalar, 20x slower on CPU).
+    kept = P.neg_().add_(1.0)
+    return PCGResult(aHinv.neg_().add_(Wf).mul_(kept), it, max(err, 0.0), it - low_iters)
 
 
 def refit_matmul_dtype(choice: str, device: torch.device | str, cols: int = BFLOAT16_MIN_COLS) -> torch.dtype:
@@ -249,17 +263,38 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _product(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ M`` in ``M``'s dtype, returned (or written into ``out``) in float32."""
+def _product(
+    x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None, scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``x @ M`` in ``M``'s dtype, returned (or written into ``out``) in float32.
+
+    ``scratch``: two buffers of ``x``'s shape in ``M``'s dtype for the cast and the product.
+    """
     if M.dtype == x.dtype:
         return torch.mm(x, M) if out is None else torch.mm(x, M, out=out)
-    r = torch.mm(x.to(M.dtype), M)
-    return r.float() if out is None else out.copy_(r)
+    if scratch is None:
+        r = torch.mm(x.to(M.dtype), M)
+        return r.float() if out is None else out.copy_(r)
+    xb, rb = scratch
+    torch.mm(xb.copy_(x), M, out=rb)
+    return rb.float() if out is None else out.copy_(rb)
+
+
+# Elements of a chunk in _rowdot: small enough that a chunk's product is still in cache when summed.
+ROWDOT_CHUNK = 1 << 17
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products, as a column."""
-    if a.numel() < 1 << 22:
-        return (a * b).sum(1, keepdim=True)
-    # Past the cache the ``a * b`` temporary costs a memory pass; einsum skips it (3x faster on CPU).
-    return torch.einsum("ij,ij->i", a, b)[:, None]
+    rows, cols = a.shape
+    if a.device.type != "cpu" or a.numel() <= ROWDOT_CHUNK:
+        return torch.linalg.vecdot(a, b)[:, None]
+    # On CPU a weight-sized ``a * b`` costs a memory pass and fresh pages, and einsum's batched
+    # matmul is slower still: 4-5x slower than these chunks on 8192 x 2048.
+    step = max(1, ROWDOT_CHUNK // cols)
+    out = torch.empty(rows, 1, dtype=a.dtype, device=a.device)
+    buf = torch.empty(step, cols, dtype=a.dtype, device=a.device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        torch.sum(torch.mul(a[r0:r1], b[r0:r1], out=buf[: r1 - r0]), 1, keepdim=True, out=out[r0:r1])
+    return out
