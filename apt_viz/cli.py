@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 
-from .config import METHODS, PruningPlan, Sparsity
+from .config import METHODS, REFIT_DTYPES, PruningPlan, Sparsity
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -18,6 +18,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true", help="prune q/k/v, then o, then up/gate, then down")
     p.add_argument("--no-refit", dest="refit", action="store_false",
                    help="APT: skip the exact re-fit of every row on its mask (the paper's algorithm alone: about SparseGPT's speed)")
+    p.add_argument("--refit-dtype", choices=REFIT_DTYPES, default="auto",
+                   help="APT: the re-fit's matmul dtype (auto: bfloat16 where the device has bfloat16 matmul units; "
+                        "float32: the same weights on every machine)")
     p.add_argument("--calib", required=True, help="wikitext2, ptb, c4 or a local text file")
     p.add_argument("--eval", nargs="+", action="extend", default=None, metavar="CORPUS",
                    help="corpora or text files for perplexity (several allowed; --eval may be repeated)")
@@ -69,7 +72,8 @@ def _prune(args: argparse.Namespace) -> int:
         check_save_target(args.save)  # refuse a bad --save folder before the slow part
     spec = Sparsity.parse(args.sparsity, args.pattern)
     plan = PruningPlan(method=args.method, sparsity=spec.fraction, pattern=spec.pattern, include=args.layers,
-                       exclude=args.exclude, sequential=args.sequential, refit=args.refit)
+                       exclude=args.exclude, sequential=args.sequential, refit=args.refit,
+                       refit_dtype=args.refit_dtype)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     result, pruner = run_job(model, tok, plan, calib=args.calib, evaluate=args.eval, nsamples=args.nsamples,
                              seqlen=args.seqlen, nwindows=args.nwindows or None, seed=args.seed, device=args.device,
@@ -112,7 +116,8 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
 
     result = compare(model, tok, args.methods, args.specs, calib=args.calib, evaluate=args.eval, nsamples=args.nsamples,
                      seqlen=args.seqlen, nwindows=args.nwindows or None, seed=args.seed, device=args.device,
-                     include=args.layers, exclude=args.exclude, sequential=args.sequential, refit=args.refit, tasks=args.tasks,
+                     include=args.layers, exclude=args.exclude, sequential=args.sequential, refit=args.refit,
+                     refit_dtype=args.refit_dtype, tasks=args.tasks,
                      on_run=on_run)
     print(quality_table(result), end="")
     print(f"shared between runs: {result.shared}")

@@ -155,6 +155,7 @@ def compare(
     exclude: Sequence[str] = (),
     sequential: bool = False,
     refit: bool = True,
+    refit_dtype: str = "auto",
     tasks: Sequence[str] = (),
     prompts: Sequence[str] = PROMPTS,
     progress: bool = True,
@@ -163,7 +164,8 @@ def compare(
 ) -> CompareResult:
     """Prune ``model`` with every pattern in ``specs`` x every method, restoring it to dense between runs.
 
-    ``refit=False`` runs APT without its exact re-fit (:class:`PruningPlan`'s ``refit``).
+    ``refit=False`` runs APT without its exact re-fit, and ``refit_dtype`` sets the re-fit's matmul
+    dtype (:class:`PruningPlan`'s ``refit`` and ``refit_dtype``).
     ``runs`` lists further ``(method, spec)`` pairs, run after the cross product in the order given
     (pass empty ``methods``/``specs`` to run only these, e.g. the most wanted rows first).
 
@@ -176,7 +178,7 @@ def compare(
         raise PlanError("nothing to compare: give methods and specs, or runs=[(method, spec), ...]")
     plans = [
         PruningPlan(method=m, sparsity=spec.fraction, pattern=spec.pattern, include=list(include), exclude=list(exclude),
-                    sequential=sequential, refit=refit)
+                    sequential=sequential, refit=refit, refit_dtype=refit_dtype)
         for m, spec in ((m, Sparsity.parse(s)) for m, s in pairs)
     ]  # validated up front, so a typo fails before the slow part
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
@@ -188,7 +190,8 @@ def compare(
         settings={"methods": list(methods), "specs": [str(s) for s in specs], "runs": [[m, str(s)] for m, s in runs], "calib": os.fspath(calib),
                   "evaluate": corpus_sources(evaluate), "nsamples": nsamples, "seqlen": seqlen, "nwindows": nwindows,
                   "seed": seed, "device": str(device) if device is not None else None, "include": list(include),
-                  "exclude": list(exclude), "sequential": sequential, "refit": refit, "tasks": list(tasks), "prompts": list(prompts)},
+                  "exclude": list(exclude), "sequential": sequential, "refit": refit,
+                  "refit_dtype": refit_dtype, "tasks": list(tasks), "prompts": list(prompts)},
     )
     if on_run:
         on_run(result)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "apt")
+# The choices of APT's re-fit matmul dtype (solvers.refit maps the last two to torch dtypes).
+REFIT_DTYPES = ("auto", "float32", "bfloat16")
 
 
 class PlanError(ValueError):
@@ -100,6 +102,9 @@ class PruningPlan:
     override wins over an earlier one. ``refit`` (APT only) re-fits every row exactly on its chosen
     mask, the default; ``False`` runs the paper's algorithm alone: about SparseGPT's speed, with a
     layer error 1.2-1.6x the re-fitted one on the benchmark's layers (still below SparseGPT's).
+    ``refit_dtype`` is the re-fit's matmul dtype: ``"auto"`` (bfloat16 where the device has bfloat16
+    matmul units, float32 elsewhere), ``"float32"`` (the same weights on every machine) or
+    ``"bfloat16"``; the re-fit's error is certified in float32 either way.
     """
 
     method: str = "apt"
@@ -112,6 +117,7 @@ class PruningPlan:
     percdamp: float = 0.01
     sequential: bool = False
     refit: bool = True
+    refit_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.overrides = {
@@ -133,6 +139,8 @@ class PruningPlan:
             raise PlanError(f"percdamp must be in [0, 1) (0.01 is usual), got {self.percdamp!r}")
         if not isinstance(self.refit, bool):
             raise PlanError(f"refit must be True or False, got {self.refit!r}")
+        if self.refit_dtype not in REFIT_DTYPES:
+            raise PlanError(f"refit_dtype must be one of {', '.join(map(repr, REFIT_DTYPES))}, got {self.refit_dtype!r}")
         for glob, ov in self.overrides.items():
             method = ov.method or self.method
             _check_method(method)
@@ -202,7 +210,7 @@ def _check_method(method: str) -> None:
 _TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "sparsity": (int, float), "pattern": (str,), "include": (list,), "exclude": (list,),
     "overrides": (dict,), "blocksize": (int,), "percdamp": (int, float), "sequential": (bool,),
-    "refit": (bool,),
+    "refit": (bool,), "refit_dtype": (str,),
 }
 
 

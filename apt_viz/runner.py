@@ -228,7 +228,8 @@ class Pruner:
         # No copy when the weight is float32 on the device already: solvers never write to their input.
         Wd = W.to(self.device, torch.float32)
         try:
-            res = sparsify_weight(Wd, H, spec, method, blocksize=plan.blocksize, percdamp=plan.percdamp, final_refit=plan.refit)
+            res = sparsify_weight(Wd, H, spec, method, blocksize=plan.blocksize, percdamp=plan.percdamp, final_refit=plan.refit,
+                                  refit_dtype=plan.refit_dtype)
         except torch.linalg.LinAlgError as e:
             raise NumericalError(f"block {block_index(name)}, layer {name}: {e}; dense weights left untouched") from e
         new = res.weight.to(W.dtype)

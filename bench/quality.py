@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from apt_viz.compare import CompareResult, compare, quality_markdown, write_run_report
+from apt_viz.config import REFIT_DTYPES
 from apt_viz.data import shared_data_path
 from apt_viz.models import load_model
 from apt_viz.pipeline import _atomic_write
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where each block is pruned and the model evaluated (cpu, cuda)")
     ap.add_argument("--no-ptb", action="store_true", help="evaluate on WikiText-2 only")
     ap.add_argument("--no-refit", dest="refit", action="store_false", help="APT without its exact re-fit (rows 'apt (no re-fit)')")
+    ap.add_argument("--refit-dtype", choices=REFIT_DTYPES, default="auto", help="APT's re-fit matmul dtype")
     ap.add_argument("--report", default=None, help="also write each run's full report under REPORT/runs/")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
 
     result = compare(model, tok, args.methods, args.specs, calib=calib, evaluate=evaluate, nsamples=args.nsamples,
                      seqlen=args.seqlen, nwindows=args.nwindows, seed=args.seed, device=args.device, progress=False,
-                     refit=args.refit, on_run=on_run, runs=[tuple(r.split(":", 1)) for r in args.runs])
+                     refit=args.refit, refit_dtype=args.refit_dtype, on_run=on_run, runs=[tuple(r.split(":", 1)) for r in args.runs])
     print(f"total {result.seconds:.0f} s; table written to {out}")
 
 

@@ -33,13 +33,14 @@ def _args(model_dir, text, report, *extra):
             "--nsamples", "4", "--seqlen", "32", "--nwindows", "4", "--report", str(report)]
 
 
-@pytest.mark.parametrize("extra", [["--sparsity", "0.5"], ["--pattern", "2:4", "--sequential", "--no-refit"]])
+@pytest.mark.parametrize("extra", [["--sparsity", "0.5", "--refit-dtype", "float32"], ["--pattern", "2:4", "--sequential", "--no-refit"]])
 def test_cli_prune_writes_every_report_file(tmp_path, setup, extra, capsys):
     report = tmp_path / "report"
     assert main(_args(*setup, report, "--method", "apt", *extra)) == 0
     assert {p.name for p in report.iterdir()} == REPORT_FILES
     plan = PruningPlan.from_json((report / "plan.json").read_text())
     assert plan.method == "apt" and plan.refit == ("--no-refit" not in extra)
+    assert plan.refit_dtype == ("float32" if "--refit-dtype" in extra else "auto")
     summary = json.loads((report / "summary.json").read_text())
     assert summary["ppl_dense"] > 1 and summary["ppl_pruned"] > 1
     assert summary["perplexity"] == {"text.txt": {"dense": summary["ppl_dense"], "pruned": summary["ppl_pruned"]}}

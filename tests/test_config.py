@@ -20,7 +20,7 @@ def test_bad_sparsity_says_what_to_change(bad, fix):
 
 
 def test_plan_json_round_trip():
-    plan = PruningPlan(method="sparsegpt", sparsity=0.6, exclude=["*.down_proj"], refit=False,
+    plan = PruningPlan(method="sparsegpt", sparsity=0.6, exclude=["*.down_proj"], refit=False, refit_dtype="float32",
                        overrides={"*.layers.0.*": LayerOverride(sparsity=0.3), "*.q_proj": LayerOverride(pattern="2:4")})
     back = PruningPlan.from_json(plan.to_json())
     assert back == plan
@@ -28,9 +28,10 @@ def test_plan_json_round_trip():
     assert back.layer_settings("model.layers.3.self_attn.q_proj")[1].pattern == "2:4"
     assert back.layer_settings("model.layers.0.self_attn.q_proj")[1].pattern == "2:4"
     assert not back.selects("model.layers.2.mlp.down_proj")
-    assert back.refit is False
-    # A plan written before the field existed reads as the default, the re-fit on.
+    assert back.refit is False and back.refit_dtype == "float32"
+    # A plan written before the fields existed reads as the defaults: the re-fit on, its dtype chosen by the device.
     assert PruningPlan.from_dict({"method": "apt"}).refit is True
+    assert PruningPlan.from_dict({"method": "apt"}).refit_dtype == "auto"
 
 
 def test_method_label_names_apt_without_its_refit():
@@ -42,6 +43,8 @@ def test_method_label_names_apt_without_its_refit():
 @pytest.mark.parametrize("data,msg", [({"methd": "apt"}, "unknown keys"), ({"sparsity": "lots"}, "wrong type"),
                                       ({"method": "obs"}, "choose one of"), ({"blocksize": 0}, "positive integer"),
                                       ({"refit": "yes"}, "wrong type"), ({"refit": 1}, "wrong type"),
+                                      ({"refit_dtype": "fp16"}, "refit_dtype must be one of 'auto', 'float32', 'bfloat16'"),
+                                      ({"refit_dtype": 32}, "wrong type"),
                                       ({"overrides": {"x": {"sparsity": 2.0}}}, "override 'x'")])
 def test_plan_schema_rejects_bad_json(data, msg):
     with pytest.raises(PlanError, match=msg):

@@ -90,6 +90,23 @@ def test_plan_without_refit_runs_the_paper_form_and_the_refit_lowers_every_error
         assert errs[True][name] < errs[False][name]
 
 
+def test_plan_refit_dtype_reaches_the_solver(calib):
+    """The plan's re-fit dtype is the one the solver runs: each run's weights are sparsify_weight's for that dtype."""
+    from apt_viz import sparsify_weight
+
+    name = "model.layers.0.self_attn.q_proj"  # block 0 sees the dense model's inputs in every run
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_model("llama")
+        dense = prunable_layers(model)[name].weight.detach().clone()
+        p = Pruner(model)
+        p.run(calib, PruningPlan(method="apt", sparsity=0.5, include=["model.layers.0.*"], refit_dtype=dtype), progress=False)
+        got[dtype] = get_weight(p.layers[name]).detach().clone()
+        want = sparsify_weight(dense, p.hessians.get(name, "cpu"), 0.5, "apt", refit_dtype=dtype).weight
+        assert torch.equal(got[dtype], want)
+    assert not torch.equal(got["float32"], got["bfloat16"])
+
+
 def test_sequential_groups_follow_the_data_flow(calib):
     model = tiny_model("llama")
     p = Pruner(model)
