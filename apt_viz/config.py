@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "apt")
-# The choices of APT's re-fit matmul dtype (solvers.refit maps the last two to torch dtypes).
+# The choices of APT's re-fit matmul dtype (solvers.refit.MATMUL_DTYPES maps the last two to torch dtypes).
 REFIT_DTYPES = ("auto", "float32", "bfloat16")
 
 

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-REFIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The re-fit dtype names that name one dtype (config.REFIT_DTYPES adds "auto").
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Narrower layers re-fit faster in float32 on CPU: there bfloat16's float32 check (two matmuls)
 # and casts outweigh its cheaper iterations (0.75x at 128 columns, 1.2x at 256, 1.5x at 512).
 BFLOAT16_MIN_COLS = 256
@@ -124,7 +125,7 @@ def refit_pcg(
     again in float32 (the residual and bound recomputed from ``a``, two matmuls), and if that check
     fails, CG goes on in float32 from ``a``: the certificate is a float32 one either way.
     """
-    if matmul_dtype not in REFIT_DTYPES.values():
+    if matmul_dtype not in MATMUL_DTYPES.values():
         raise ValueError(f"matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype!r}")
     Wf = W.to(torch.float32)
     P = (~keep).to(torch.float32)
@@ -245,9 +246,9 @@ def refit_matmul_dtype(choice: str, device: torch.device | str, cols: int = BFLO
         else:
             fast = device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
         return torch.bfloat16 if fast else torch.float32
-    if choice not in REFIT_DTYPES:
+    if choice not in MATMUL_DTYPES:
         raise ValueError(f"refit_dtype must be 'auto', 'float32' or 'bfloat16', got {choice!r}")
-    return REFIT_DTYPES[choice]
+    return MATMUL_DTYPES[choice]
 
 
 @functools.cache
