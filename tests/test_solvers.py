@@ -169,30 +169,40 @@ def test_inverse_factor_leaves_H_alone_and_inverts_the_damped_H(shift, device):
     torch.testing.assert_close(Hinv.double(), want, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize(("max_batch", "min_rows"), [(1 << 18, 16), (1 << 18, 1), (1 << 18, 1000), (50, 16)])
-def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, device):
+@pytest.mark.parametrize(("max_batch", "min_rows", "compiled"),
+                         [(1 << 18, 16, False), (1 << 18, 1, False), (1 << 18, 1000, False), (50, 16, False), (1 << 18, 16, None)])
+def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, compiled, device, monkeypatch):
     """a = w_P (V_P^T V_P)^-1 V_P^T per row, whatever the batching: one |P| per batch (min_rows 1),
-    all rows padded to one size (1000), or one row per batch (50 entries)."""
-    from apt_viz.solvers.apt import joint_coefficients
+    all rows padded to one size (1000), or one row per batch (50 entries); and by the compiled
+    per-row loop, the default on CPU."""
+    from apt_viz.solvers import apt
 
+    calls = []
+    kernel = apt.solve_pruned_rows
+    monkeypatch.setattr(apt, "solve_pruned_rows", lambda *a: calls.append(1) or kernel(*a))
+    joint_coefficients = apt.joint_coefficients
     g = torch.Generator().manual_seed(9)
     b = 24
     X = torch.randn(b, 4 * b, generator=g)
     V = torch.linalg.cholesky(torch.linalg.inv(X @ X.T / (4 * b) + 0.1 * torch.eye(b)), upper=True)
     W1 = torch.randn(40, b, generator=g)
     P = torch.rand(40, b, generator=g) < torch.linspace(0, 0.9, 40)[:, None]  # |P| from 0 to about 0.9 b
-    A = joint_coefficients(W1.to(device), V.to(device), P.to(device), max_batch=max_batch, min_rows=min_rows).cpu()
+    A = joint_coefficients(W1.to(device), V.to(device), P.to(device), max_batch=max_batch, min_rows=min_rows,
+                           compiled=compiled).cpu()
     for r in range(40):
         Vp = V[:, P[r]].double()
         ref = W1[r, P[r]].double() @ torch.linalg.inv(Vp.T @ Vp) @ Vp.T if P[r].any() else torch.zeros(b)
         torch.testing.assert_close(A[r].double(), ref.double(), rtol=1e-4, atol=1e-4)
     # The update zeroes exactly the pruned entries of the block.
     assert torch.allclose((W1 - A @ V)[P], torch.zeros(int(P.sum())), atol=1e-4)
+    # The compiled loop is the default on CPU only.
+    assert bool(calls) == (compiled is None and torch.device(device).type == "cpu")
 
 
-def test_joint_coefficients_name_the_fix_when_a_solve_fails(device):
+@pytest.mark.parametrize("compiled", [False, None])
+def test_joint_coefficients_name_the_fix_when_a_solve_fails(compiled, device):
     """Two equal columns of V make G_PP singular: the error says what to change, at once or once
-    per mask selection when the caller collects the factorizations."""
+    per mask selection when the caller collects the factorizations (batched or compiled solves)."""
     from apt_viz.solvers.apt import check_factorizations, joint_coefficients, select_mask
 
     V = torch.eye(4)
@@ -202,13 +212,13 @@ def test_joint_coefficients_name_the_fix_when_a_solve_fails(device):
     P[:, :2] = True
     args = (W1.to(device), V.to(device), P.to(device))
     with pytest.raises(ValueError, match="raise percdamp"):
-        joint_coefficients(*args)
+        joint_coefficients(*args, compiled=compiled)
     failures = []
-    joint_coefficients(*args, failures=failures)
+    joint_coefficients(*args, failures=failures, compiled=compiled)
     with pytest.raises(ValueError, match="raise percdamp"):
         check_factorizations(failures)
     ok = []
-    joint_coefficients(W1.to(device), torch.eye(4, device=device), P.to(device), failures=ok)
+    joint_coefficients(W1.to(device), torch.eye(4, device=device), P.to(device), failures=ok, compiled=compiled)
     check_factorizations(ok)
     # N:M groups invert every subset's block: the same V as one 4-column group.
     with pytest.raises(ValueError, match="raise percdamp"):

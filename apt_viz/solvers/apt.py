@@ -23,6 +23,7 @@ import torch
 from ..config import Sparsity
 from ..hessian import inverse_and_factor, inverse_factor, prepare
 from .masks import block_count, check_shape, lowest
+from .joint_kernel import solve_pruned_rows
 from .refit import refit, refit_matmul_dtype, refit_pcg
 from .result import SolverResult
 
@@ -142,10 +143,12 @@ def joint_coefficients(
     max_batch: int = 1 << 20,
     min_rows: int = 16,
     failures: list[torch.Tensor] | None = None,
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     """Per row, ``a = w_P (V_P^T V_P)^-1 V_P^T``: the joint update of the block is ``-a V``.
 
-    Rows are batched by ``|P|``, so most systems need no padding: a batched Cholesky's cost grows
+    On CPU (``compiled=None``, or ``True``) each row's system is solved by the compiled loop of
+    :mod:`.joint_kernel`. Otherwise (GPUs, or ``compiled=False``) rows are batched by ``|P|``, so most systems need no padding: a batched Cholesky's cost grows
     with the padded size, and padding every row of a large chunk to its largest ``|P|`` made the
     solves 2-4x slower at 32 columns. A size with fewer than ``min_rows`` rows joins the next
     larger one (its systems padded with identity rows), since per-call overhead dominates tiny
@@ -155,6 +158,13 @@ def joint_coefficients(
     """
     rows, b = W1.shape
     G = V.t() @ V
+    if compiled or (compiled is None and W1.device.type == "cpu"):
+        X, bad = solve_pruned_rows(W1, G, P)
+        if failures is None:
+            check_factorizations([bad])
+        else:
+            failures.append(bad)
+        return X @ V.t()
     count, by_size = torch.sort(P.sum(1))
     Ps = P.index_select(0, by_size)
     # Each row's pruned columns first, in increasing order, then its kept ones: a column's place
