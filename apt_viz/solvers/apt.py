@@ -22,8 +22,8 @@ import torch
 
 from ..config import Sparsity
 from ..hessian import inverse_and_factor, inverse_factor, prepare
-from .masks import block_count, check_shape, lowest
 from .joint_kernel import solve_pruned_rows
+from .masks import block_count, check_shape, lowest
 from .refit import refit, refit_matmul_dtype, refit_pcg
 from .result import SolverResult
 
@@ -147,10 +147,11 @@ def joint_coefficients(
 ) -> torch.Tensor:
     """Per row, ``a = w_P (V_P^T V_P)^-1 V_P^T``: the joint update of the block is ``-a V``.
 
-    On CPU (``compiled=None``, or ``True``) each row's system is solved by the compiled loop of
-    :mod:`.joint_kernel`. Otherwise (GPUs, or ``compiled=False``) rows are batched by ``|P|``, so most systems need no padding: a batched Cholesky's cost grows
-    with the padded size, and padding every row of a large chunk to its largest ``|P|`` made the
-    solves 2-4x slower at 32 columns. A size with fewer than ``min_rows`` rows joins the next
+    On CPU (``compiled=None`` or ``True``) each row's system is solved by the compiled loop of
+    :mod:`.joint_kernel`. Otherwise (GPUs, or ``compiled=False``) rows are batched by ``|P|``, so
+    most systems need no padding: a batched Cholesky's cost grows with the padded size, and
+    padding every row of a large chunk to its largest ``|P|`` made the solves 2-4x slower at 32
+    columns. A size with fewer than ``min_rows`` rows joins the next
     larger one (its systems padded with identity rows), since per-call overhead dominates tiny
     batches. A batch holds at most about ``max_batch`` matrix entries. Each batch's Cholesky status
     is appended to ``failures`` when it is given, for the caller to check once (a check reads the
@@ -158,6 +159,8 @@ def joint_coefficients(
     """
     rows, b = W1.shape
     G = V.t() @ V
+    if compiled and W1.device.type != "cpu":
+        raise ValueError(f"compiled joint solves run on CPU tensors; got {W1.device} (pass compiled=None or False)")
     if compiled or (compiled is None and W1.device.type == "cpu"):
         X, bad = solve_pruned_rows(W1, G, P)
         if failures is None:
