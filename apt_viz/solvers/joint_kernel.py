@@ -6,6 +6,9 @@ every system and two calls per group, and torch runs a batch of them on one thre
 that costs 1-3 us of mostly overhead. Here each row gathers, factors (Cholesky) and solves its
 system in small loops, in float64, and rows run in parallel: 2-3x faster on one
 thread and faster still on more (`bench/results/speed.md`). GPUs keep the batched path.
+
+The loop compiles on its first call in each process (about 1.2 s). It is not cached on disk:
+numba's cache is pickled, needs a writable folder, and would save only that second.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)
 def _solve_rows(W1: np.ndarray, G: np.ndarray, P: np.ndarray, X: np.ndarray, bad: np.ndarray) -> None:
     rows, b = W1.shape
     for r in numba.prange(rows):
