@@ -159,9 +159,10 @@ def joint_coefficients(
     """
     rows, b = W1.shape
     G = V.t() @ V
-    if compiled and W1.device.type != "cpu":
+    on_cpu = W1.device.type == "cpu"
+    if compiled and not on_cpu:
         raise ValueError(f"compiled joint solves run on CPU tensors; got {W1.device} (pass compiled=None or False)")
-    if compiled or (compiled is None and W1.device.type == "cpu"):
+    if on_cpu if compiled is None else compiled:
         X, bad = solve_pruned_rows(W1, G, P)
         if failures is None:
             check_factorizations([bad])

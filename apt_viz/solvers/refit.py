@@ -269,7 +269,7 @@ def _product(
 ) -> torch.Tensor:
     """``x @ M`` in ``M``'s dtype, returned (or written into ``out``) in float32.
 
-    ``scratch``: two buffers of ``x``'s shape in ``M``'s dtype for the cast and the product.
+    ``scratch`` (with ``out``): two buffers of ``x``'s shape in ``M``'s dtype for the cast and the product.
     """
     if M.dtype == x.dtype:
         return torch.mm(x, M) if out is None else torch.mm(x, M, out=out)
@@ -278,7 +278,7 @@ def _product(
         return r.float() if out is None else out.copy_(r)
     xb, rb = scratch
     torch.mm(xb.copy_(x), M, out=rb)
-    return rb.float() if out is None else out.copy_(rb)
+    return out.copy_(rb)
 
 
 # Elements of a chunk in _rowdot: small enough that a chunk's product is still in cache when summed.
