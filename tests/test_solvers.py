@@ -288,6 +288,37 @@ def test_pcg_in_bfloat16_goes_on_in_float32_when_its_rounding_blocks_the_stop(sp
     assert res.error == pytest.approx(e_got, rel=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_pcg_compiled_iterations_match_torch_ops(spec, device, monkeypatch):
+    """On CPU the bfloat16 iterations' vector work runs in compiled passes by default; they take the
+    same steps as torch ops, and elsewhere they are refused by name."""
+    import importlib
+
+    cg_kernel = importlib.import_module("apt_viz.solvers.cg_kernel")
+    W, X, H = layer(12, rows=48, cols=384, n=1536, device=device)
+    keep = sparsify_weight(W, H, spec, "wanda").mask
+    Wp, Hd, damp = prepare(W, H, 0.01)
+    Hinv = torch.linalg.inv(Hd.double()).float()
+    calls = []
+    monkeypatch.setattr(cg_kernel, "step", lambda *a, f=cg_kernel.step: calls.append(1) or f(*a))
+    ops = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=1e-3, matmul_dtype=torch.bfloat16, compiled=False)
+    assert not calls
+    if torch.device(device).type != "cpu":
+        with pytest.raises(ValueError, match="compiled=None or False"):
+            refit_pcg(Wp, Hd, keep, Hinv, error_rtol=1e-3, matmul_dtype=torch.bfloat16, compiled=True)
+        return
+    fused = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=1e-3, matmul_dtype=torch.bfloat16)
+    assert len(calls) == fused.iters > 0
+    assert (fused.iters, fused.float32_iters) == (ops.iters, ops.float32_iters)
+    assert fused.error == pytest.approx(ops.error, rel=1e-5)
+    # bfloat16 roundings may fall differently, but the two weights differ by almost nothing in the
+    # layer's output: their difference costs under 1e-5 of the error.
+    D = (fused.weight - ops.weight).double()
+    assert float(((D @ Hd.double()) * D).sum()) <= 1e-5 * ops.error
+    with pytest.raises(ValueError, match="compiled=None or False"):
+        refit_pcg(Wp, Hd, keep, Hinv, error_rtol=1e-3, compiled=True)
+
+
 @pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])
 def test_pcg_row_products_in_chunks_give_the_same_refit(matmul_dtype, monkeypatch, device):
     """Big layers take their row-wise dot products in cache-sized chunks of rows; small chunks,
