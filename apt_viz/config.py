@@ -104,7 +104,7 @@ class PruningPlan:
     layer error 1.2-1.6x the re-fitted one on the benchmark's layers (still below SparseGPT's).
     ``refit_dtype`` is the re-fit's matmul dtype: ``"auto"`` (bfloat16 where the device has bfloat16
     matmul units, float32 elsewhere), ``"float32"`` (the same weights on every machine) or
-    ``"bfloat16"``; the re-fit's error is certified in float32 either way.
+    ``"bfloat16"``; the re-fit's error is certified within ``refit_rtol`` either way.
     """
 
     method: str = "apt"

@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         "Limit = (in^3 + 2 out in^2) flops at that peak: the inverse plus one update pass.",
         f"APT's re-fit runs its matmuls in {str(refit_matmul_dtype('auto', device)).removeprefix('torch.')}"
         f" on this device for layers of {BFLOAT16_MIN_COLS} input columns or more, else in float32"
-        " (`refit_dtype='auto'`); its certified stop is checked in float32.",
+        " (`refit_dtype='auto'`); its certified stop is checked on float32 multipliers and residual"
+        " (the small gap term measured in bfloat16).",
         "",
     ]
     if not args.pipeline_only:

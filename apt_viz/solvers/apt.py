@@ -64,7 +64,8 @@ def prune_apt(
     fraction of the optimum's (0 runs to the residual tolerance instead; ``"direct"`` is exact).
     ``refit_dtype``: the PCG matmuls' dtype, ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16
     where the device has bfloat16 matmul units, see :func:`refit_matmul_dtype`). The certified
-    stop is checked in float32 either way, so the error meets ``refit_rtol`` on both.
+    stop is checked on float32 multipliers and residual either way, so the error meets
+    ``refit_rtol`` on both.
     """
     if refit_solver not in ("pcg", "direct"):
         raise ValueError(f"refit_solver must be 'pcg' or 'direct', got {refit_solver!r}")
