@@ -288,6 +288,23 @@ def test_pcg_in_bfloat16_goes_on_in_float32_when_its_rounding_blocks_the_stop(sp
     assert res.error == pytest.approx(e_got, rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "apt"])
+def test_a_modules_parameter_can_be_pruned_directly(method, device):
+    """``sparsify_weight(layer.weight, H, ...)``: a parameter that requires grad gives the same
+    result as its plain tensor, and is left unchanged."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48).to(device)
+    X = torch.randn(256, 1024, device=device)
+    H = 2 / 1024 * X @ X.T
+    before = lin.weight.detach().clone()
+    got = sparsify_weight(lin.weight, H, "0.5", method)
+    plain = sparsify_weight(before, H, "0.5", method)
+    assert not got.weight.requires_grad
+    assert torch.equal(got.mask, plain.mask)
+    torch.testing.assert_close(got.weight, plain.weight, rtol=0, atol=0)
+    assert torch.equal(lin.weight.detach(), before)
+
+
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
 def test_pcg_compiled_iterations_match_torch_ops(spec, device, monkeypatch):
     """On CPU the bfloat16 iterations' vector work runs in compiled passes by default; they take the

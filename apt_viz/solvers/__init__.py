@@ -35,8 +35,11 @@ def sparsify_weight(
 
     ``options`` (``blocksize``, ``percdamp``, and for apt ``joint_block``, ``final_refit``,
     ``refit_solver``, ``refit_rtol``, ``refit_dtype``) reach the methods that use them and are ignored by the others;
-    ``None`` keeps the method's default. Sparsity 0 returns ``W`` unchanged.
+    ``None`` keeps the method's default. Sparsity 0 returns ``W`` unchanged. ``W`` may be a
+    module's parameter (``layer.weight``): the solvers work on detached copies.
     """
+    # The solvers write into their inputs' copies in place, which autograd refuses.
+    W, H = W.detach(), H.detach()
     spec = Sparsity.parse(sparsity)
     if method not in SOLVERS:
         raise PlanError(f"unknown method {method!r}; choose one of {', '.join(SOLVERS)}")
