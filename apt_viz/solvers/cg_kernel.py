@@ -98,7 +98,9 @@ def _bits(x: torch.Tensor) -> np.ndarray:
     return x.view(torch.int16).numpy().view(np.uint16)
 
 
-def step(tb: torch.Tensor, p: torch.Tensor, P: torch.Tensor, a: torch.Tensor, s: torch.Tensor, rz: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+def step(
+    tb: torch.Tensor, p: torch.Tensor, P: torch.Tensor, a: torch.Tensor, s: torch.Tensor, rz: torch.Tensor, sb: torch.Tensor
+) -> torch.Tensor:
     """One CG step along ``p`` given ``tb = p Hinv`` (bfloat16): updates ``a`` and ``s`` in place,
     writes ``s`` in bfloat16 into ``sb`` and returns ``alpha`` (a column, float32)."""
     use_torch_threads()
@@ -107,7 +109,9 @@ def step(tb: torch.Tensor, p: torch.Tensor, P: torch.Tensor, a: torch.Tensor, s:
     return alpha
 
 
-def direction(zb: torch.Tensor, P: torch.Tensor, s: torch.Tensor, p: torch.Tensor, pb: torch.Tensor, rz: torch.Tensor | None) -> torch.Tensor:
+def direction(
+    zb: torch.Tensor, P: torch.Tensor, s: torch.Tensor, p: torch.Tensor, pb: torch.Tensor, rz: torch.Tensor | None
+) -> torch.Tensor:
     """The next search direction from ``zb`` (the preconditioner's bfloat16 product with ``s``):
     ``p = zb * P + (rz' / rz) p`` in place (``p = zb * P`` when ``rz`` is None), written in
     bfloat16 into ``pb``; returns ``rz' = s z^T`` (a column, float32)."""
