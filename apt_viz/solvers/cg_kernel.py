@@ -12,8 +12,8 @@ on CPUs with fast bfloat16 matmuls. Here each pass handles one row at a time whi
   ``p = z + (rz' / rz) p``, and ``p`` cast to bfloat16 for the next product.
 
 bfloat16 tensors are passed as their 16-bit patterns; casts round to nearest even, as torch's do.
-Dot products accumulate in float64. Like :mod:`.joint_kernel`, the loops compile on first use
-(about 2 s) and run on torch's thread count.
+Dot products accumulate in float64. Like :mod:`.joint_kernel`, the loops compile on first use in
+each process (1.5-2 s, not cached on disk for the same reasons) and run on torch's thread count.
 """
 
 from __future__ import annotations

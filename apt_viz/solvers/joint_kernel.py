@@ -7,8 +7,8 @@ that costs 1-3 us of mostly overhead. Here each row gathers, factors (Cholesky) 
 system in small loops, in float64, and rows run in parallel: 2-3x faster on one
 thread and faster still on more (`bench/results/speed.md`). GPUs keep the batched path.
 
-The loop compiles on its first call in each process (about 1.2 s). It is not cached on disk:
-numba's cache is pickled, needs a writable folder, and would save only that second.
+The loop compiles on its first call in each process (1.2-2.5 s, with numba's own start-up). It
+is not cached on disk: numba's cache is pickled and needs a writable folder.
 """
 
 from __future__ import annotations
