@@ -62,10 +62,7 @@ def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, f
 
 
 def inverse_and_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(H^-1, U, extra)``: :func:`inverse_factor` that also keeps the inverse it factors.
-
-    For solvers that need both: rebuilding ``H^-1`` as ``U^T U`` would cost another ``2 n^3`` flops.
-    """
+    """``(H^-1, U, extra)``: :func:`inverse_factor` that also returns the inverse, as ``U^T U``."""
     U, extra, Hinv = _factor(H, max_tries, keep_inverse=True)
     return Hinv, U, extra
 
@@ -75,21 +72,21 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
     mean_diag = float(torch.mean(torch.diag(H)))
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(max_tries + 1):
-        # Both factorizations run in place and as upper factors: for a row-major matrix that is
-        # LAPACK's own layout, so no temporary copy is made. Peak: H plus two n x n matrices
-        # (three when the inverse is kept).
-        F = H.clone()
+        # With J the reversal of rows and columns, J H J = R^T R (R upper) makes H = V V^T with
+        # V = J R^T J upper, so U = V^-1 = J R^-T J: one factorization and one triangular inverse,
+        # n^3/3 flops each, where factoring H, inverting it and factoring the inverse took 4 n^3/3
+        # (measured 1.7-2x faster). Upper factors of a row-major matrix are LAPACK's own layout,
+        # so the factorization runs in place. Peak: H plus two n x n matrices (three with H^-1).
+        F = H.flip(0, 1)
         if extra:
             F.diagonal().add_(extra)
         torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(F, upper=True)
+            U = _invert_upper_(F).t().flip(0, 1)
             del F
-            U = Hinv.clone() if keep_inverse else Hinv
-            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, extra, (Hinv if keep_inverse else None)
-            del U, Hinv
+            if torch.isfinite(U).all():
+                return U, extra, (_gram_upper(U, torch.empty_like(U)) if keep_inverse else None)
+            del U
         else:
             del F
         extra = mean_diag * 0.01 * (10**attempt)
@@ -97,3 +94,40 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
         f"the Hessian is not positive definite even with damping {extra:.3g}; "
         "check the calibration inputs for NaN/Inf or use more calibration samples"
     )
+
+
+# Below this size a triangular inverse or Gram product is one library call.
+_HALVING_MIN = 128
+
+
+def _invert_upper_(R: torch.Tensor) -> torch.Tensor:
+    """Invert the upper-triangular ``R`` (zero below the diagonal) in place, by halves.
+
+    LAPACK's ``trtri``, which torch does not expose, in matmuls: a triangular solve against the
+    identity would take three times the flops.
+    """
+    n = R.shape[0]
+    if n <= _HALVING_MIN:
+        return R.copy_(torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True))
+    h = n // 2
+    A, B, C = R[:h, :h], R[:h, h:], R[h:, h:]
+    _invert_upper_(A)
+    _invert_upper_(C)
+    # [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]
+    torch.mm(torch.mm(A, B), C, out=B).neg_()
+    return R
+
+
+def _gram_upper(U: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = U^T U`` for the upper-triangular ``U``, by halves (LAPACK's ``lauum``, in matmuls)."""
+    n = U.shape[0]
+    if n <= _HALVING_MIN:
+        return torch.mm(U.t(), U, out=out)
+    h = n // 2
+    A, B, C = U[:h, :h], U[:h, h:], U[h:, h:]
+    # [[A, B], [0, C]]^T [[A, B], [0, C]] = [[A^T A, A^T B], [B^T A, B^T B + C^T C]]
+    _gram_upper(A, out[:h, :h])
+    _gram_upper(C, out[h:, h:]).addmm_(B.t(), B)
+    torch.mm(A.t(), B, out=out[:h, h:])
+    out[h:, :h].copy_(out[:h, h:].t())
+    return out

@@ -169,6 +169,33 @@ def test_inverse_factor_leaves_H_alone_and_inverts_the_damped_H(shift, device):
     torch.testing.assert_close(Hinv.double(), want, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 127, 128, 129, 300, 777])
+def test_inverse_factor_by_halves_matches_float64_inverse(n, device):
+    """Sizes around and above the size where the triangular inverse and the Gram product are split
+    in halves: U is upper triangular, U^T U is H^-1 (float64 reference), and the returned H^-1 is
+    U^T U exactly symmetric."""
+    from apt_viz.hessian import inverse_and_factor, inverse_factor
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, 3 * n + 8, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    H64 = X @ X.T / X.shape[1] + 0.05 * torch.eye(n, dtype=torch.float64)
+    H = H64.float().to(device)
+    Hinv, U, extra = inverse_and_factor(H)
+    assert extra == 0.0
+    assert torch.equal(U, torch.triu(U))
+    want = torch.linalg.inv(H.double())
+    scale = float(want.abs().max())
+    torch.testing.assert_close((U.t().double() @ U.double()), want, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(Hinv.double(), want, rtol=0, atol=1e-5 * scale)
+    assert torch.equal(Hinv, Hinv.t())
+    # Rows j: of U factor the inverse of the trailing sub-Hessian (what SparseGPT's column loop uses).
+    j = n // 3
+    Uj = U[j:, j:].double()
+    torch.testing.assert_close(Uj.t() @ Uj, torch.linalg.inv(H.double()[j:, j:]), rtol=0, atol=1e-5 * scale)
+    U2, extra2 = inverse_factor(H)
+    assert torch.equal(U2, U) and extra2 == extra
+
+
 @pytest.mark.parametrize(("max_batch", "min_rows", "compiled"),
                          [(1 << 18, 16, False), (1 << 18, 1, False), (1 << 18, 1000, False), (50, 16, False), (1 << 18, 16, None)])
 def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, compiled, device, monkeypatch):
