@@ -3,8 +3,8 @@
 For each shape (in x out) and pattern, every solver runs on the same random layer and Hessian;
 the table gives the median time of several runs, the ratio to sparsegpt, the layer error, and the
 ratio to the machine's "limit": the time its own measured matmul rate needs for the dense work
-every OBS-type solver must do (the inverse, in^3 flops, and one update pass over the weights,
-2 * out * in^2 flops). Hessian accumulation is timed separately, as tokens per second and as a
+every OBS-type solver must do (the inverse factor, a Cholesky factorization and a triangular
+inverse of in^3/3 flops each, and one update pass over the weights, 2 * out * in^2 flops). Hessian accumulation is timed separately, as tokens per second and as a
 fraction of matmul peak (2 * tokens * in^2 flops). A profile of where APT's time goes follows.
 
     python bench/speed.py                 # full run, writes bench/results/speed.md
@@ -107,7 +107,7 @@ def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
     lines = ["| in x out | pattern | method | median s | x sparsegpt | x limit | rel. error |", "|---|---|---|---|---|---|---|"]
     for cols, rows in shapes:
         W, H = layer(cols, rows, device)
-        limit = (cols**3 + 2 * rows * cols**2) / peak
+        limit = (2 * cols**3 / 3 + 2 * rows * cols**2) / peak
         for spec in specs:
             times = time_variants(W, H, spec, device, repeats)
             for m, (t, err) in times.items():
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `python bench/speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "",
         f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up;"
         " on each layer the solvers take turns, one run each per round.",
-        "Limit = (in^3 + 2 out in^2) flops at that peak: the inverse plus one update pass.",
+        "Limit = (2/3 in^3 + 2 out in^2) flops at that peak: the inverse factor plus one update pass.",
         f"APT's re-fit runs its matmuls in {str(refit_matmul_dtype('auto', device)).removeprefix('torch.')}"
         f" on this device for layers of {BFLOAT16_MIN_COLS} input columns or more, else in float32"
         " (`refit_dtype='auto'`); its certified stop is checked on float32 multipliers and residual"
