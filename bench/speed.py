@@ -4,8 +4,9 @@ For each shape (in x out) and pattern, every solver runs on the same random laye
 the table gives the median time of several runs, the ratio to sparsegpt, the layer error, and the
 ratio to the machine's "limit": the time its own measured matmul rate needs for the dense work
 every OBS-type solver must do (the inverse factor, a Cholesky factorization and a triangular
-inverse of in^3/3 flops each, and one update pass over the weights, 2 * out * in^2 flops). Hessian accumulation is timed separately, as tokens per second and as a
-fraction of matmul peak (2 * tokens * in^2 flops). A profile of where APT's time goes follows.
+inverse of in^3/3 flops each, and one update pass over the weights, 2 * out * in^2 flops).
+Hessian accumulation is timed separately, as tokens per second and as a fraction of matmul peak
+(2 * tokens * in^2 flops). A profile of where APT's time goes follows.
 
     python bench/speed.py                 # full run, writes bench/results/speed.md
     python bench/speed.py --quick --out /tmp/speed.md   # small shapes (the CI smoke run)
