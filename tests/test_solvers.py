@@ -226,6 +226,36 @@ def test_joint_coefficients_solve_each_rows_pruned_set(max_batch, min_rows, comp
     assert bool(calls) == (compiled is None and torch.device(device).type == "cpu")
 
 
+def test_compiled_joint_solves_keep_each_row_to_its_own_lane():
+    """The CPU kernel solves rows side by side in vector lanes, padded to the largest |P| of their
+    group: every row's x must still be its own G_PP^-1 w_P, whatever the rows beside it (|P| of 0,
+    of b, a row count that leaves a partial group), and a row whose G_PP is not positive definite
+    is flagged and zeroed alone."""
+    from apt_viz.solvers.joint_kernel import LANES, solve_pruned_rows
+
+    g = torch.Generator().manual_seed(4)
+    b, rows = 13, 5 * LANES + 3
+    X = torch.randn(b, 3 * b, generator=g, dtype=torch.float64)
+    G = X @ X.T / (3 * b) + 0.05 * torch.eye(b, dtype=torch.float64)
+    # Columns 0 and 1 equal: any P holding both is singular.
+    G[1], G[:, 1] = G[0], G[:, 0]
+    W1 = torch.randn(rows, b, generator=g)
+    P = torch.rand(rows, b, generator=g) < torch.rand(rows, 1, generator=g)
+    P[:, :2] = False
+    P[0], P[1], P[2] = False, True, True
+    P[2, 0] = False  # full but for column 0
+    bad_rows = [1, 17, rows - 1]
+    P[bad_rows, :2] = True
+    x, bad = solve_pruned_rows(W1, G.float(), P)
+    assert bad.tolist() == [r in bad_rows for r in range(rows)]
+    for r in range(rows):
+        want = torch.zeros(b, dtype=torch.float64)
+        if P[r].any() and r not in bad_rows:
+            Gp = G.float().double()[P[r]][:, P[r]]
+            want[P[r]] = torch.linalg.solve(Gp, W1[r, P[r]].double())
+        torch.testing.assert_close(x[r].double(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("compiled", [False, None])
 def test_joint_coefficients_name_the_fix_when_a_solve_fails(compiled, device):
     """Two equal columns of V make G_PP singular: the error says what to change, at once or once
