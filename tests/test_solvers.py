@@ -256,6 +256,35 @@ def test_compiled_joint_solves_keep_each_row_to_its_own_lane():
         torch.testing.assert_close(x[r].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("nm", ["2:4", "4:8", "1:4", "3:8"])
+def test_compiled_nm_groups_match_the_torch_loop(nm):
+    """On CPU the N:M groups run in a compiled loop (the default), on GPUs as torch ops: the same
+    subsets for every row, and the same weights and coefficients to float32 rounding, through the
+    sequential updates of a whole block (the second block starts from the first's lazy update)."""
+    from apt_viz.hessian import inverse_factor
+    from apt_viz.solvers import apt
+
+    spec = Sparsity.parse(nm)
+    W, X, H = layer(11, rows=70, cols=96)
+    Wp, Hp, _ = prepare(W, H, 0.01)
+    U, _ = inverse_factor(Hp)
+    subsets = apt._subsets(spec.n, spec.m, W.device)
+    out = {}
+    for compiled in (False, None):
+        Wc, pruned, failures = Wp.clone(), torch.zeros_like(Wp, dtype=torch.bool), []
+        A1 = apt._nm_block(Wc, U, 0, 48, spec, subsets, pruned, failures, compiled=compiled)
+        Wc[:, 48:].addmm_(A1, U[:48, 48:], alpha=-1.0)
+        A2 = apt._nm_block(Wc, U, 48, 96, spec, subsets, pruned, failures, compiled=compiled)
+        apt.check_factorizations(failures)
+        out[compiled] = (pruned, Wc, torch.cat([A1, A2], 1))
+    (p0, W0, A0), (p1, W1, A1) = out[False], out[None]
+    assert torch.equal(p0, p1)
+    assert torch.all(p1.reshape(70, -1, spec.m).sum(-1) == spec.n)
+    torch.testing.assert_close(W1, W0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(A1, A0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(W1 == 0, p1 | (Wp == 0))
+
+
 @pytest.mark.parametrize("compiled", [False, None])
 def test_joint_coefficients_name_the_fix_when_a_solve_fails(compiled, device):
     """Two equal columns of V make G_PP singular: the error says what to change, at once or once

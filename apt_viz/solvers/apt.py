@@ -24,6 +24,7 @@ from ..config import Sparsity
 from ..hessian import inverse_and_factor, inverse_factor, prepare
 from .joint_kernel import solve_pruned_rows
 from .masks import block_count, check_shape, lowest
+from .nm_kernel import prune_groups
 from .refit import refit, refit_matmul_dtype, refit_pcg
 from .result import SolverResult
 
@@ -247,17 +248,19 @@ def _nm_block(
     subsets: torch.Tensor,
     pruned: torch.Tensor,
     failures: list[torch.Tensor],
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     """Prune the N:M groups of columns ``[i1, i2)`` one group at a time; returns the block's ``a``.
 
     The block is held transposed, so that a group's columns are contiguous rows and the small
-    per-subset products run as batched matmuls over all rows at once.
+    per-subset products run over all rows at once: in the compiled loop of :mod:`.nm_kernel` on
+    CPU (``compiled=None`` or ``True``), else (GPUs, or ``compiled=False``) as batched torch ops.
     """
     m, n = spec.m, spec.n
+    on_cpu = W.device.type == "cpu"
+    if compiled and not on_cpu:
+        raise ValueError(f"the compiled N:M loop runs on CPU tensors; got {W.device} (pass compiled=None or False)")
     Wt = W[:, i1:i2].t().contiguous()
-    At = torch.empty_like(Wt)
-    maskt = torch.empty_like(Wt, dtype=torch.bool)
-    flat = subsets.reshape(-1)
     # Row c of ``chosen`` is the group mask of subset c: one row gather sets a group's mask.
     chosen = torch.zeros(len(subsets), m, dtype=torch.bool, device=W.device)
     chosen[torch.arange(len(subsets), device=W.device)[:, None], subsets] = True
@@ -269,18 +272,24 @@ def _nm_block(
     Qd, info = torch.linalg.inv_ex(Hd[:, subsets[:, :, None], subsets[:, None, :]])
     Rd = (Qd @ Vd.transpose(1, 2)[:, subsets]).transpose(2, 3)
     failures.append(info)
-    for c in range(0, i2 - i1, m):
-        g = slice(i1 + c, i1 + c + m)
-        Q, Rt = Qd[c // m], Rd[c // m]
-        Ws = Wt[c : c + m].index_select(0, flat).view(len(subsets), n, -1)
-        losses = (Ws * (Q @ Ws)).sum(1)
-        # min's indices: the same first-minimum argmin, and several times faster over dim 0 on CPU.
-        best = losses.min(dim=0).indices
-        coef = Rt @ Ws
-        a = coef.gather(0, best[None, None, :].expand(1, m, -1))[0]
-        maskt[c : c + m] = chosen[best].t()
-        Wt[c:].addmm_(U[g, i1 + c : i2].t(), a, alpha=-1.0)
-        At[c : c + m] = a
+    if on_cpu if compiled is None else compiled:
+        At, maskt = prune_groups(Wt, U[i1:i2, i1:i2], Qd, Rd, subsets, chosen)
+    else:
+        At = torch.empty_like(Wt)
+        maskt = torch.empty_like(Wt, dtype=torch.bool)
+        flat = subsets.reshape(-1)
+        for c in range(0, i2 - i1, m):
+            g = slice(i1 + c, i1 + c + m)
+            Q, Rt = Qd[c // m], Rd[c // m]
+            Ws = Wt[c : c + m].index_select(0, flat).view(len(subsets), n, -1)
+            losses = (Ws * (Q @ Ws)).sum(1)
+            # min's indices: the same first-minimum argmin, and several times faster over dim 0 on CPU.
+            best = losses.min(dim=0).indices
+            coef = Rt @ Ws
+            a = coef.gather(0, best[None, None, :].expand(1, m, -1))[0]
+            maskt[c : c + m] = chosen[best].t()
+            Wt[c:].addmm_(U[g, i1 + c : i2].t(), a, alpha=-1.0)
+            At[c : c + m] = a
     Wt.mul_(~maskt)
     W[:, i1:i2] = Wt.t()
     pruned[:, i1:i2] = maskt.t()
