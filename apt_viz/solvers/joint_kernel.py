@@ -145,7 +145,7 @@ def _solve_groups(W1, G, P, X, bad, k, order, g0, g1):  # pragma: no cover - com
 @numba.njit(parallel=True)
 def _solve_rows(W1, G, P, X, bad, k, order, first):  # pragma: no cover - compiled
     groups = (W1.shape[0] - first + LANES - 1) // LANES
-    # A few chunks of groups per thread; the sequential body compiles once, outside the parallel loop.
+    # A few chunks of groups per thread, each with its own work arrays.
     nchunks = min(groups, 4 * numba.get_num_threads())
     for c in numba.prange(nchunks):
         g0 = first + c * groups // nchunks * LANES

@@ -8,9 +8,9 @@ on SmolLM2's layers those ops' overhead was most of the selection's time. Here t
 transposed, columns x rows, so that every step is a loop over a contiguous row of the block and
 vectorizes; one call handles a whole block.
 
-The loop runs on one thread: numba's parallel loops cost one to two seconds more to compile on
-first use, where this one takes about half a second. It is not cached on disk (see
-:mod:`.joint_kernel`). GPUs keep the torch loop.
+The loop runs on one thread: as a numba parallel loop it took 4-6 s to compile on first use, where
+this one takes about 1.5 s (half a second once numba has compiled anything else in the process).
+It is not cached on disk (see :mod:`.joint_kernel`). GPUs keep the torch loop.
 """
 
 from __future__ import annotations
