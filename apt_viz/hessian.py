@@ -77,7 +77,7 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
         # n^3/3 flops each, where factoring H, inverting it and factoring the inverse took 4 n^3/3
         # (measured 1.7-2x faster). Upper factors of a row-major matrix are LAPACK's own layout,
         # so the factorization runs in place. Peak: H plus two n x n matrices, with H^-1 or without
-        # (and a quarter of one while the inverse's top half-size product is formed).
+        # (and a sixteenth of one for the Gram product's largest off-diagonal block).
         F = H.flip(0, 1)
         if extra:
             F.diagonal().add_(extra)
@@ -97,7 +97,7 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
     )
 
 
-# Below this size a triangular inverse or Gram product is one library call.
+# Below this size a triangular inverse or product is one library call.
 _HALVING_MIN = 128
 
 
@@ -115,7 +115,8 @@ def _invert_upper_(R: torch.Tensor) -> torch.Tensor:
     _invert_upper_(A)
     _invert_upper_(C)
     # [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]
-    torch.mm(torch.mm(A, B), C, out=B).neg_()
+    _trmm_left_(A, B)
+    _trmm_right_(B, C).neg_()
     return R
 
 
@@ -128,7 +129,50 @@ def _gram_upper(U: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     A, B, C = U[:h, :h], U[:h, h:], U[h:, h:]
     # [[A, B], [0, C]]^T [[A, B], [0, C]] = [[A^T A, A^T B], [B^T A, B^T B + C^T C]]
     _gram_upper(A, out[:h, :h])
-    _gram_upper(C, out[h:, h:]).addmm_(B.t(), B)
-    torch.mm(A.t(), B, out=out[:h, h:])
-    out[h:, :h].copy_(out[:h, h:].t())
+    _trmm_right_(out[h:, :h].copy_(B.t()), A)
+    out[:h, h:].copy_(out[h:, :h].t())
+    _syrk_add_(B, _gram_upper(C, out[h:, h:]))
+    return out
+
+
+# A triangular factor halves the flops of a product, if the product goes by halves as well:
+# LAPACK's trmm and syrk, which torch does not expose either. Each takes n^2 m flops where a full
+# matmul takes 2 n^2 m (measured 1.3x faster on the inverse and Gram products at 1536 and 2048).
+
+
+def _trmm_left_(T: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``X = T X`` in place, ``T`` upper-triangular (zero below the diagonal)."""
+    n = T.shape[0]
+    if n <= _HALVING_MIN:
+        return X.copy_(torch.mm(T, X))
+    h = n // 2
+    # Rows h: of X are read by the top half's update, so they are overwritten last.
+    _trmm_left_(T[:h, :h], X[:h]).addmm_(T[:h, h:], X[h:])
+    _trmm_left_(T[h:, h:], X[h:])
+    return X
+
+
+def _trmm_right_(X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``X = X T`` in place, ``T`` upper-triangular (zero below the diagonal)."""
+    n = T.shape[0]
+    if n <= _HALVING_MIN:
+        return X.copy_(torch.mm(X, T))
+    h = n // 2
+    # Columns :h of X are read by the right half's update, so they are overwritten last.
+    _trmm_right_(X[:, h:], T[h:, h:]).addmm_(X[:, :h], T[:h, h:])
+    _trmm_right_(X[:, :h], T[:h, :h])
+    return X
+
+
+def _syrk_add_(X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out += X^T X`` (both triangles), by halves."""
+    n = X.shape[1]
+    if n <= _HALVING_MIN:
+        return out.addmm_(X.t(), X)
+    h = n // 2
+    _syrk_add_(X[:, :h], out[:h, :h])
+    _syrk_add_(X[:, h:], out[h:, h:])
+    off = torch.mm(X[:, :h].t(), X[:, h:])
+    out[:h, h:].add_(off)
+    out[h:, :h].add_(off.t())
     return out
