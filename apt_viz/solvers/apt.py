@@ -57,7 +57,7 @@ def prune_apt(
     outlier inputs sit in adjacent columns: each small block must then prune them.)
     ``final_refit``: re-fit the chosen mask exactly (the default). Without it the weights are the
     block-joint updates alone, the paper's algorithm: 0.4-0.8x SparseGPT's time on CPU at N:M and
-    0.7-1.3x unstructured, with a slightly lower error; the re-fit lowers the error by a fifth to over
+    0.6-1.1x unstructured, with a slightly lower error; the re-fit lowers the error by a fifth to over
     a third. (``PruningPlan.refit`` sets this for a whole run.)
     ``refit_solver``: ``"pcg"`` (conjugate gradients on the pruned form, one matmul per
     iteration) or ``"direct"`` (batched Cholesky, ``rows * k^3``); both reach the same
