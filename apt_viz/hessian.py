@@ -76,8 +76,9 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
         # V = J R^T J upper, so U = V^-1 = J R^-T J: one factorization and one triangular inverse,
         # n^3/3 flops each, where factoring H, inverting it and factoring the inverse took 4 n^3/3
         # (measured 1.7-2x faster). Upper factors of a row-major matrix are LAPACK's own layout,
-        # so the factorization runs in place. Peak: H plus two n x n matrices, with H^-1 or without
-        # (and a sixteenth of one for the largest off-diagonal block of a product by halves).
+        # so cusolver's factorization runs in place, as the CPU's by halves does. Peak: H plus two
+        # n x n matrices, with H^-1 or without (and a sixteenth of one for the largest off-diagonal
+        # block of a product by halves).
         F = H.flip(0, 1)
         if extra:
             F.diagonal().add_(extra)
