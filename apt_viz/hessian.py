@@ -82,18 +82,13 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
         F = H.flip(0, 1)
         if extra:
             F.diagonal().add_(extra)
-        if F.device.type == "cpu":
-            # LAPACK's factorization ran at 26-40 GFLOP/s on one AMD EPYC core where matmuls run
-            # at 95: factoring and inverting together by halves puts both into matmuls (1536:
-            # 58 -> 38 ms, 4096: 0.84 -> 0.60 s). Multiplying by a half's inverse instead of
-            # solving with its factor left H^-1 2-3x further from float64's on rank-deficient
-            # Hessians (1.1e-4 relative at worst, against 4.3e-5), and SmolLM2's layer errors the
-            # same to five digits.
-            _inverse_cholesky_(F, info.zero_())
-        else:
-            torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
-            if int(info) == 0:
-                _invert_upper_(F)
+        # LAPACK's factorization ran at 26-40 GFLOP/s on one AMD EPYC core where matmuls run at
+        # 95: on CPU, factoring and inverting together by halves puts both into matmuls (1536:
+        # 58 -> 38 ms, 4096: 0.84 -> 0.60 s). Multiplying by a half's inverse instead of solving
+        # with its factor left H^-1 2-3x further from float64's on rank-deficient Hessians
+        # (1.1e-4 relative at worst, against 4.3e-5), and SmolLM2's layer errors the same to five
+        # digits. GPUs keep cusolver's factorization until it is measured there.
+        _inverse_cholesky_(F, info, by_halves=F.device.type == "cpu")
         if int(info) == 0:
             U = F.t().flip(0, 1)
             del F
@@ -114,13 +109,23 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
 _HALVING_MIN = 128
 
 
-def _inverse_cholesky_(A: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-    """Overwrite the symmetric ``A`` with ``R^-1``, ``R`` its upper Cholesky factor (``A = R^T R``), by halves.
+def _inverse_cholesky_(A: torch.Tensor, info: torch.Tensor, by_halves: bool) -> torch.Tensor:
+    """Overwrite the symmetric ``A`` with ``R^-1``, ``R`` its upper Cholesky factor (``A = R^T R``).
 
-    LAPACK's factorization and triangular inverse in one recursion: each half's ``R^-1`` turns the
-    triangular solve for the off-diagonal block into a triangular product. ``info`` (an int32
-    scalar) becomes nonzero if ``A`` is not positive definite; ``A`` is then not usable.
+    ``by_halves``: the factorization and the triangular inverse in one recursion (each half's
+    ``R^-1`` turns the triangular solve for the off-diagonal block into a triangular product);
+    otherwise the library's factorization, then :func:`_invert_upper_`. ``info`` (an int32 scalar)
+    is nonzero afterwards if ``A`` is not positive definite; ``A`` is then not usable.
     """
+    info.zero_()
+    if by_halves:
+        return _inverse_cholesky_by_halves_(A, info)
+    torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+    return _invert_upper_(A) if int(info) == 0 else A
+
+
+def _inverse_cholesky_by_halves_(A: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """:func:`_inverse_cholesky_` by halves; adds to ``info`` where a diagonal block is not positive definite."""
     n = A.shape[0]
     if n <= _HALVING_MIN:
         R, bad = torch.linalg.cholesky_ex(A, upper=True)
@@ -130,9 +135,9 @@ def _inverse_cholesky_(A: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
     A11, B, C = A[:h, :h], A[:h, h:], A[h:, h:]
     # A = [[A11, B], [B^T, C]] = R^T R with R = [[R11, R12], [0, R22]]: R12 = R11^-T B and
     # R22^T R22 = C - R12^T R12; then R^-1 = [[R11^-1, -R11^-1 R12 R22^-1], [0, R22^-1]].
-    _inverse_cholesky_(A11, info)
+    _inverse_cholesky_by_halves_(A11, info)
     _trmm_right_(B.t(), A11)
-    _inverse_cholesky_(_syrk_add_(B, C, alpha=-1.0), info)
+    _inverse_cholesky_by_halves_(_syrk_add_(B, C, alpha=-1.0), info)
     _trmm_left_(A11, B)
     _trmm_right_(B, C).neg_()
     A[h:, :h].zero_()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
-from apt_viz.hessian import inverse_and_factor, prepare
+from apt_viz.hessian import _inverse_cholesky_, inverse_and_factor, prepare
 from apt_viz.solvers.apt import REFIT_RTOL, select_mask
 from apt_viz.solvers.refit import BFLOAT16_MIN_COLS, refit_matmul_dtype, refit_pcg
 
@@ -124,6 +124,32 @@ def bench_hessian(widths, device, peak, tokens: int = 8192) -> list[str]:
         t = timed(lambda: accumulate_hessian(None, 0, X), device, 5)
         frac = 2 * tokens * cols**2 / t / peak
         lines.append(f"| {cols} | {tokens} | {t:.4f} | {tokens / t:,.0f} | {frac:.0%} |")
+    return lines
+
+
+def bench_factor(widths, device: torch.device, repeats: int, peak: float) -> list[str]:
+    """The inverse factor's two paths, taking turns on each width's damped Hessian: the library's
+    Cholesky factorization then a triangular inverse by halves (what GPUs run), and both in one
+    recursion by halves (what CPUs run)."""
+    lines = ["| in | path | median ms | GFLOP/s | x library | fraction of matmul peak |", "|---|---|---|---|---|---|"]
+    info = torch.zeros((), dtype=torch.int32, device=device)
+    for cols in widths:
+        W, H = layer(cols, 1, device)
+        _, H, _ = prepare(W, H, 0.01)
+        paths = {f"{name}{' (used here)' if by_halves == (device.type == 'cpu') else ''}":
+                 (lambda b=by_halves: _inverse_cholesky_(H.flip(0, 1), info, by_halves=b))
+                 for name, by_halves in (("library", False), ("by halves", True))}
+        samples: dict[str, list[float]] = {name: [] for name in paths}
+        for fn in paths.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                samples[name].append(elapsed(fn, device))
+        base = statistics.median(next(iter(samples.values())))
+        flops = 2 * cols**3 / 3
+        for name, ts in samples.items():
+            t = statistics.median(ts)
+            lines.append(f"| {cols} | {name} | {t * 1e3:.2f} | {flops / t / 1e9:.0f} | {t / base:.2f} | {flops / t / peak:.0%} |")
     return lines
 
 
@@ -298,6 +324,13 @@ def main(argv: list[str] | None = None) -> None:
             "## Hessian accumulation",
             "",
             *bench_hessian(sorted({c for c, _ in shapes}), device, peak),
+            "",
+            "## Inverse factor",
+            "",
+            "The Cholesky factor of `H^-1` that SparseGPT and APT start from (`2/3 in^3` flops), by the two paths",
+            "of `apt_viz.hessian`; the solvers take the one marked as used here.",
+            "",
+            *bench_factor(sorted({c for c, _ in shapes}), device, max(args.repeats, 5), peak),
             "",
             "## Where APT's time goes",
             "",

@@ -32,6 +32,10 @@ def test_speed_quick_writes_every_method_and_pattern(tmp_path):
         assert sum(f"| {method} |" in r for r in rows) == 4
     assert all(math.isfinite(float(r.split("|")[-2])) for r in rows)
     assert "fraction of matmul peak" in out.read_text() and "exact re-fit (PCG" in out.read_text()
+    # The inverse factor's two paths on each width, the one the solvers take marked.
+    factor = out.read_text().split("## Inverse factor")[1].split("## ")[0]
+    factor_rows = [r for r in factor.splitlines() if r.startswith(("| 64 |", "| 128 |"))]
+    assert len(factor_rows) == 4 and sum("(used here)" in r for r in factor_rows) == 2
 
 def test_speed_real_layer_hessians_match_the_pruners():
     """The --real section's Hessians equal those the Pruner accumulates for the same layers."""

@@ -196,6 +196,32 @@ def test_inverse_factor_by_halves_matches_float64_inverse(n, device):
     assert torch.equal(U2, U) and extra2 == extra
 
 
+@pytest.mark.parametrize("n", [127, 300, 777])
+def test_inverse_cholesky_by_halves_equals_the_library_path(n, device):
+    """The recursion CPUs run and the library factorization GPUs run give the same ``R^-1`` (upper,
+    ``R^-1 R^-T = A^-1``), and both flag a matrix that is not positive definite."""
+    from apt_viz.hessian import _inverse_cholesky_
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, 2 * n, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    A = (X @ X.T / X.shape[1] + 0.05 * torch.eye(n, dtype=torch.float64)).float().to(device)
+    want = torch.linalg.inv(A.double())
+    info = torch.zeros((), dtype=torch.int32, device=device)
+    got = {}
+    for by_halves in (True, False):
+        Rinv = _inverse_cholesky_(A.clone(), info, by_halves=by_halves)
+        assert int(info) == 0
+        assert torch.equal(Rinv, torch.triu(Rinv))
+        torch.testing.assert_close(Rinv.double() @ Rinv.double().t(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        got[by_halves] = Rinv
+    torch.testing.assert_close(got[True], got[False], rtol=0, atol=1e-5 * float(got[False].abs().max()))
+    bad = A.clone()
+    bad[n // 2, n // 2] = -1.0
+    for by_halves in (True, False):
+        _inverse_cholesky_(bad.clone(), info, by_halves=by_halves)
+        assert int(info) != 0
+
+
 @pytest.mark.parametrize(("bad", "where"), [(float("nan"), (3, 250)), (float("nan"), (290, 290)), (float("inf"), (3, 250))])
 def test_inverse_factor_of_a_nonfinite_hessian_raises(bad, where, device):
     """A NaN in H, or an Inf off the diagonal, is reported (no damping helps), not returned as a
