@@ -88,7 +88,7 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
         # with its factor left H^-1 2-3x further from float64's on rank-deficient Hessians
         # (1.1e-4 relative at worst, against 4.3e-5), and SmolLM2's layer errors the same to five
         # digits. GPUs keep cusolver's factorization until it is measured there.
-        _inverse_cholesky_(F, info, by_halves=F.device.type == "cpu")
+        _inverse_cholesky_(F, info, by_halves=factors_by_halves(F.device))
         if int(info) == 0:
             U = F.t().flip(0, 1)
             del F
@@ -107,6 +107,11 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
 
 # Below this size a triangular inverse or product is one library call.
 _HALVING_MIN = 128
+
+
+def factors_by_halves(device: torch.device) -> bool:
+    """Whether the inverse factor on ``device`` factors and inverts by halves (CPUs) or by the library (GPUs)."""
+    return device.type == "cpu"
 
 
 def _inverse_cholesky_(A: torch.Tensor, info: torch.Tensor, by_halves: bool) -> torch.Tensor:

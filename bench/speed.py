@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
-from apt_viz.hessian import _inverse_cholesky_, inverse_and_factor, prepare
+from apt_viz.hessian import _inverse_cholesky_, factors_by_halves, inverse_and_factor, prepare
 from apt_viz.solvers.apt import REFIT_RTOL, select_mask
 from apt_viz.solvers.refit import BFLOAT16_MIN_COLS, refit_matmul_dtype, refit_pcg
 
@@ -136,7 +136,7 @@ def bench_factor(widths, device: torch.device, repeats: int, peak: float) -> lis
     for cols in widths:
         W, H = layer(cols, 1, device)
         _, H, _ = prepare(W, H, 0.01)
-        paths = {f"{name}{' (used here)' if by_halves == (device.type == 'cpu') else ''}":
+        paths = {f"{name}{' (used here)' if by_halves == factors_by_halves(device) else ''}":
                  (lambda b=by_halves: _inverse_cholesky_(H.flip(0, 1), info, by_halves=b))
                  for name, by_halves in (("library", False), ("by halves", True))}
         samples: dict[str, list[float]] = {name: [] for name in paths}
