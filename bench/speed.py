@@ -89,19 +89,24 @@ def layer(cols: int, rows: int, device: torch.device, tokens: int = 4096) -> tup
     return W.to(device), H.to(device)
 
 
-def time_variants(W, H, spec: str, device: torch.device, repeats: int, skip=()) -> dict[str, tuple[float, float]]:
-    """Median time and relative error of each solver variant (but ``skip``'s methods) on one layer.
-
-    The variants take turns, one run each per round after a warm-up round, so that a drift in the
-    host's speed (on a shared CPU it moves by a quarter within minutes) reaches all of them alike.
-    """
-    runs = {label: (lambda m=m, opts=opts: sparsify_weight(W, H, spec, m, **opts)) for label, m, opts in variants(device) if m not in skip}
-    errors = {label: layer_error(W, fn().weight, H)[1] for label, fn in runs.items()}
+def take_turns(runs: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median wall time of each of ``runs`` (already warmed up), the runs taking turns, one call
+    each per round, so that a drift in the host's speed (on a shared CPU it moves by a quarter
+    within minutes) reaches all of them alike."""
     samples: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, fn in runs.items():
             samples[label].append(elapsed(fn, device))
-    return {label: (statistics.median(samples[label]), errors[label]) for label in runs}
+    return {label: statistics.median(ts) for label, ts in samples.items()}
+
+
+def time_variants(W, H, spec: str, device: torch.device, repeats: int, skip=()) -> dict[str, tuple[float, float]]:
+    """Median time and relative error of each solver variant (but ``skip``'s methods) on one
+    layer, the variants taking turns after a warm-up round (which measures the errors)."""
+    runs = {label: (lambda m=m, opts=opts: sparsify_weight(W, H, spec, m, **opts)) for label, m, opts in variants(device) if m not in skip}
+    errors = {label: layer_error(W, fn().weight, H)[1] for label, fn in runs.items()}
+    times = take_turns(runs, device, repeats)
+    return {label: (times[label], errors[label]) for label in runs}
 
 
 def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
@@ -139,16 +144,12 @@ def bench_factor(widths, device: torch.device, repeats: int, peak: float) -> lis
         paths = {f"{name}{' (used here)' if by_halves == factors_by_halves(device) else ''}":
                  (lambda b=by_halves: _inverse_cholesky_(H.flip(0, 1), info, by_halves=b))
                  for name, by_halves in (("library", False), ("by halves", True))}
-        samples: dict[str, list[float]] = {name: [] for name in paths}
         for fn in paths.values():
             fn()
-        for _ in range(repeats):
-            for name, fn in paths.items():
-                samples[name].append(elapsed(fn, device))
-        base = statistics.median(next(iter(samples.values())))
+        times = take_turns(paths, device, repeats)
+        base = next(iter(times.values()))
         flops = 2 * cols**3 / 3
-        for name, ts in samples.items():
-            t = statistics.median(ts)
+        for name, t in times.items():
             lines.append(f"| {cols} | {name} | {t * 1e3:.2f} | {flops / t / 1e9:.0f} | {t / base:.2f} | {flops / t / peak:.0%} |")
     return lines
 
