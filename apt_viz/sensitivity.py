@@ -209,7 +209,7 @@ def plan_from_sensitivity(
     shifted so the parameter-weighted mean over the table's layers is exactly ``target_sparsity``. A table by
     block gives all layers of a block the same sparsity. ``sizes``: a Pruner, a model or
     ``{name: numel}`` (required for a block table; equal sizes if omitted for a layer table).
-    ``base`` supplies method and the other settings; its sparsity becomes the target.
+    ``base`` supplies the method and the other settings; its own sparsity is replaced by ``target_sparsity``.
     """
     table = list(table)
     if not table:

@@ -122,8 +122,8 @@ def refit_pcg(
     ``sum_j w_j^2 H_jj``.
 
     ``matmul_dtype=torch.bfloat16`` runs the iterations' matmuls (with ``Hinv``, ``H`` and the
-    preconditioner's blocks) in bfloat16 and the rest in float32: 1.5-2x faster re-fits where the
-    hardware has bfloat16 matmul units, in the same number of iterations. Its rounding
+    preconditioner's blocks) in bfloat16 and the rest in float32: re-fits 2-2.5x faster on an
+    AVX512-BF16 CPU core (``bench/results/speed.md``), in the same number of iterations. Its rounding
     leaves the error about 3e-5 above the optimum's on SmolLM2 layers, far below a certified
     stop's ``error_rtol``, so it applies only with ``error_rtol > 0``. The stop is then checked
     again with the residual and the bound recomputed from ``a`` in float32 (one matmul); the gap
