@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .precision import ieee_float32
 
+
+@ieee_float32()
 def accumulate_hessian(H: torch.Tensor | None, nsamples: int, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Fold a batch of layer inputs into the running Hessian ``H = 2/n sum x x^T`` (float32).
 
@@ -22,6 +25,7 @@ def accumulate_hessian(H: torch.Tensor | None, nsamples: int, inp: torch.Tensor)
     return H, total
 
 
+@ieee_float32()
 def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
     """Reconstruction error ``||WX - W'X||^2`` from ``H``, and the same relative to ``||WX||^2``.
 
@@ -50,6 +54,7 @@ def prepare(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Te
     return W, H, damp
 
 
+@ieee_float32()
 def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``H^-1`` (``U^T U = H^-1``), with extra damping if needed.
 
@@ -61,6 +66,7 @@ def inverse_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, f
     return U, extra
 
 
+@ieee_float32()
 def inverse_and_factor(H: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(H^-1, U, extra)``: :func:`inverse_factor` that also returns the inverse, as ``U^T U``."""
     U, extra, Hinv = _factor(H, max_tries, keep_inverse=True)

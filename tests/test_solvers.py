@@ -10,6 +10,7 @@ from apt_viz.solvers.apt import REFIT_RTOL
 from apt_viz.solvers.refit import refit_pcg
 from apt_viz.config import PlanError
 from apt_viz.hessian import accumulate_hessian, prepare
+from apt_viz.precision import ieee_float32
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "apt"]
 
@@ -548,3 +549,41 @@ def test_lowest_picks_exactly_k_smallest_with_ties_by_index(k, kind, device):
     ref = torch.zeros(200, dtype=torch.bool)
     ref[torch.sort(score.flatten().cpu(), stable=True).indices[:k]] = True
     assert torch.equal(mask.flatten().cpu(), ref)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "apt"])
+def test_solves_keep_float32_under_a_callers_lower_matmul_precision(method, device):
+    """``set_float32_matmul_precision("medium")`` (TF32 on GPUs, bfloat16 through oneDNN on CPUs)
+    speeds up a user's forwards; the Hessian, the solves and the error stay float32, and the
+    caller's setting comes back."""
+    W, X, H = layer(4, rows=32, cols=256, n=512, device=device)
+    ref = sparsify_weight(W, H, "0.5", method).weight
+    ref_H = accumulate_hessian(None, 0, X.T[None])[0]
+    ref_err = layer_error(W, ref, H)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = sparsify_weight(W, H, "0.5", method).weight
+        got_H = accumulate_hessian(None, 0, X.T[None])[0]
+        got_err = layer_error(W, got, H)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(got, ref)
+    assert torch.equal(got_H, ref_H)
+    assert got_err == ref_err
+
+
+def test_ieee_float32_restores_the_callers_matmul_settings_on_exit_and_on_error():
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    old = (cuda.allow_bf16_reduced_precision_reduction, mkldnn.fp32_precision)
+    cuda.allow_bf16_reduced_precision_reduction, mkldnn.fp32_precision = True, "bf16"
+    try:
+        with pytest.raises(KeyError):
+            with ieee_float32():
+                assert not cuda.allow_bf16_reduced_precision_reduction
+                assert mkldnn.fp32_precision == "ieee"
+                raise KeyError("inside")
+        assert (cuda.allow_bf16_reduced_precision_reduction, mkldnn.fp32_precision) == (True, "bf16")
+    finally:
+        cuda.allow_bf16_reduced_precision_reduction, mkldnn.fp32_precision = old

@@ -22,6 +22,7 @@ import torch
 
 from ..config import Sparsity
 from ..hessian import inverse_and_factor, inverse_factor, prepare
+from ..precision import ieee_float32
 from .joint_kernel import solve_pruned_rows
 from .masks import block_count, check_shape, lowest
 from .nm_kernel import prune_groups
@@ -34,6 +35,7 @@ JOINT_BLOCK = 32
 REFIT_RTOL = 1e-3
 
 
+@ieee_float32()
 def prune_apt(
     W: torch.Tensor,
     H: torch.Tensor,

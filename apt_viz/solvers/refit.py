@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..precision import ieee_float32
 from . import cg_kernel
 
 # The re-fit dtype names that name one dtype (config.REFIT_DTYPES adds "auto").
@@ -29,6 +30,7 @@ MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BFLOAT16_MIN_COLS = 256
 
 
+@ieee_float32()
 def refit(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -90,6 +92,7 @@ class PCGResult(NamedTuple):
     float32_iters: int
 
 
+@ieee_float32()
 def refit_pcg(
     W: torch.Tensor,
     H: torch.Tensor,

@@ -12,10 +12,12 @@ import torch
 
 from ..config import Sparsity
 from ..hessian import inverse_factor, prepare
+from ..precision import ieee_float32
 from .masks import block_count, check_shape, lowest, lowest_per_row
 from .result import SolverResult
 
 
+@ieee_float32()
 def prune_sparsegpt(
     W: torch.Tensor, H: torch.Tensor, spec: Sparsity, *, blocksize: int = 128, percdamp: float = 0.01
 ) -> SolverResult:
