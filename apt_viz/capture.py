@@ -90,21 +90,31 @@ def split_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
 def move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) -> list[tuple[nn.Module, str, str, torch.device]]:
     """Move parameters and buffers that are not inside the blocks to ``device``; return how to undo it."""
     moved = []
+    seen: set[int] = set()
     for mname, mod in model.named_modules():
         if mname == prefix or mname.startswith(prefix + "."):
             continue
         for store in ("_parameters", "_buffers"):
             for key, t in getattr(mod, store).items():
                 # Meta tensors (a streamed model's unloaded head) have nothing to move.
-                if t is not None and t.device != device and not t.is_meta:
+                if t is None or t.is_meta:
+                    continue
+                # A tied weight (embedding = lm_head) is one Parameter under two names, moved by
+                # its .data: recording it twice would make the second record's home the device it
+                # was just moved to. (A buffer is replaced per name, so each name has its own record.)
+                if store == "_parameters":
+                    if id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                if t.device != device:
                     moved.append((mod, store, key, t.device))
                     _swap(mod, store, key, t, device)
     return moved
 
 
 def restore_devices(moved: list[tuple[nn.Module, str, str, torch.device]]) -> None:
-    """Undo :func:`move_outside_blocks`."""
-    for mod, store, key, dev in moved:
+    """Undo :func:`move_outside_blocks`, last move first."""
+    for mod, store, key, dev in reversed(moved):
         _swap(mod, store, key, getattr(mod, store)[key], dev)
 
 

@@ -74,7 +74,8 @@ def check_device(device: str | torch.device) -> torch.device:
     ok = str(dev) in available or (dev.type in available and dev.index is None)
     if not ok:
         raise DeviceError(f"device {str(device)!r} does not exist on this machine; {fix}")
-    return dev
+    # Tensors report an index ("cuda:0"), and torch.device("cuda") compares unequal to it.
+    return dev if dev.index is not None else torch.empty(0, device=dev).device
 
 
 # --------------------------------------------------------------------------- model

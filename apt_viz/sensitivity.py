@@ -117,7 +117,7 @@ def block_sweep(
             for spec in specs:
                 if spec.fraction == 0:
                     if dense is None:
-                        dense = perplexity(model, windows, device=device, progress=False)
+                        dense = perplexity(model, windows, progress=False)
                     ppl = dense
                 else:
                     plan = dataclasses.replace(base, method=method, sparsity=spec.fraction, pattern=spec.pattern,
@@ -125,7 +125,8 @@ def block_sweep(
                     pruner = Pruner(model, device=device, keep_masks=False)
                     try:
                         pruner.run(calib, plan, progress=False)
-                        ppl = perplexity(model, windows, device=device, progress=False)
+                        # On the model's own device: the Pruner ran each block on ``device`` and put it back.
+                        ppl = perplexity(model, windows, progress=False)
                     finally:
                         pruner.restore()
                         pruner.hessians.clear()

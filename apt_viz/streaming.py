@@ -248,7 +248,7 @@ def _read_state(out: Path) -> dict[str, Any] | None:
 def _fingerprint(src: Path, calib: torch.Tensor, plan: PruningPlan, dtype: Any, act_dtype: Any) -> str:
     h = hashlib.sha256()
     h.update(str(src.resolve()).encode())
-    h.update(calib.to(torch.int64).numpy().tobytes())
+    h.update(calib.to(torch.int64).cpu().numpy().tobytes())
     h.update(plan.to_json().encode())
     h.update(f"{dtype}|{act_dtype}".encode())
     return h.hexdigest()

@@ -30,7 +30,8 @@ if [ "${QUICK:-0}" = 1 ]; then
     memory_args=(--layers 2 --hidden 64 --intermediate 128 --vocab 128 --nsamples 2 --seqlen 16)
 else
     # The test files whose tests take the device fixture.
-    tests=(tests/test_solvers.py tests/test_runner.py tests/test_faults.py) speed_args=(--repeats 3)
+    tests=(tests/test_solvers.py tests/test_runner.py tests/test_faults.py tests/test_sensitivity.py tests/test_streaming.py)
+    speed_args=(--repeats 3)
     # Six blocks of the 1.1B shape: enough for steady per-block peaks, in a minute or two.
     memory_args=(--layers 6)
 fi

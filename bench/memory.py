@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         n = write_model(src, args.layers, args.hidden, args.intermediate, args.vocab)
         cmd = [sys.executable, __file__, "--child", str(src), str(out), "--method", args.method, "--nsamples",
                str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
-        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        # The child's progress and any traceback go straight to this process's stderr.
+        res = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
     size = 4 * n
     gib = 1 << 30
     lines = [

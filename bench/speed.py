@@ -316,16 +316,18 @@ def main(argv: list[str] | None = None) -> None:
         " (the small gap term measured in bfloat16).",
         "",
     ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(*lines: str) -> None:
+        """Add a finished section and rewrite the file: a run cut short (a GPU lent for minutes) keeps it."""
+        out.extend(lines)
+        Path(args.out).write_text("\n".join(out))
+
+    emit()
     if not args.pipeline_only:
-        out += [
-            "## Solvers",
-            "",
-            *bench_solvers(shapes, ["0.5", "2:4"], device, args.repeats, peak),
-            "",
-            "## Hessian accumulation",
-            "",
-            *bench_hessian(sorted({c for c, _ in shapes}), device, peak),
-            "",
+        emit("## Solvers", "", *bench_solvers(shapes, ["0.5", "2:4"], device, args.repeats, peak), "")
+        emit("## Hessian accumulation", "", *bench_hessian(sorted({c for c, _ in shapes}), device, peak), "")
+        emit(
             "## Inverse factor",
             "",
             "The Cholesky factor of `H^-1` that SparseGPT and APT start from (`2/3 in^3` flops), by the two paths",
@@ -333,19 +335,14 @@ def main(argv: list[str] | None = None) -> None:
             "",
             *bench_factor(sorted({c for c, _ in shapes}), device, max(args.repeats, 5), peak),
             "",
-            "## Where APT's time goes",
-            "",
-            *profile_apt(*shapes[-1], "0.5", device),
-            "",
-        ]
+        )
+        emit("## Where APT's time goes", "", *profile_apt(*shapes[-1], "0.5", device), "")
     if args.real and not args.pipeline_only:
-        out += ["## Real SmolLM2 layers", "",
-                "Weights and Hessians of six layers of the offline SmolLM2-135M, from the dense model on",
-                "16 x 512 tokens of WikiText-2 valid.", "", *bench_real(device, args.repeats), ""]
+        emit("## Real SmolLM2 layers", "",
+             "Weights and Hessians of six layers of the offline SmolLM2-135M, from the dense model on",
+             "16 x 512 tokens of WikiText-2 valid.", "", *bench_real(device, args.repeats), "")
     if args.pipeline or args.pipeline_only:
-        out += ["## Whole prune: sparsegpt against apt", "", *bench_pipeline(device), ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(out))
+        emit("## Whole prune: sparsegpt against apt", "", *bench_pipeline(device), "")
     print("\n".join(out))
 
 

@@ -14,7 +14,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default="cpu", help="device for solver and runner tests: cpu or cuda")
+    parser.addoption("--device", default="cpu", help="device for the tests that take the device fixture: cpu or cuda")
 
 
 @pytest.fixture(scope="session")

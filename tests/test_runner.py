@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from apt_viz import ArchitectureError, PlanError, Pruner, PruningPlan, prunable_layers
-from apt_viz.arch import get_weight
+from apt_viz.arch import find_blocks, get_weight
+from apt_viz.capture import move_outside_blocks, restore_devices
+from apt_viz.checks import check_device
 from conftest import ARCHS, VOCAB, tiny_model
 
 PROBE = torch.arange(24).remainder(VOCAB)[None]
@@ -197,3 +199,32 @@ def test_reprune_does_not_change_the_callers_plan(calib):
     pruner.run(calib, plan, progress=False)
     pruner.reprune("model.layers.0.mlp.up_proj", 0.75)
     assert plan.overrides == {} and "model.layers.0.mlp.up_proj" in pruner.plan.overrides
+
+
+def test_the_device_is_named_as_its_tensors_name_it(device):
+    # torch.device("cuda") != torch.device("cuda:0"), which is what a CUDA tensor reports.
+    assert check_device(device) == torch.empty(0, device=device).device
+    assert check_device(str(device)) == torch.empty(0, device=device).device
+
+
+def test_a_model_left_on_the_cpu_is_whole_on_the_cpu_after_pruning_on_the_device(calib, device):
+    """The capture moves what lies outside the blocks (embeddings, the tied head) to the device and back."""
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    pruner = Pruner(model, device=device)
+    pruner.run(calib, PruningPlan(method="sparsegpt", sparsity=0.5), progress=False)
+    assert {t.device for t in [*model.parameters(), *model.buffers()]} == {torch.device("cpu")}
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_a_tied_weight_is_moved_and_recorded_once():
+    model = tiny_model("gpt2")
+    prefix, _ = find_blocks(model)
+    # "cpu:0" never equals a tensor's device ("cpu"), as "cuda" never equals "cuda:0": everything
+    # outside the blocks is moved, and the head shares the embedding's Parameter.
+    moved = move_outside_blocks(model, prefix, torch.device("cpu", 0))
+    params = [getattr(m, s)[k] for m, s, k, _ in moved if s == "_parameters"]
+    assert len(params) == len({id(p) for p in params})
+    assert any(p is model.lm_head.weight for p in params)
+    restore_devices(moved)
+    assert torch.isfinite(logits(model)).all()

@@ -133,3 +133,12 @@ def test_plan_from_block_table_clips_and_checks():
         plan_from_sensitivity(table, 0.5, metric="ppl")
     with pytest.raises(PlanError, match="target_sparsity"):
         plan_from_sensitivity(table, 1.5, sizes=sizes, metric="ppl")
+
+
+def test_block_sweep_prunes_on_the_device_and_measures_on_the_models_own(calib, device):
+    model = tiny_model("llama")  # left on the CPU
+    windows = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(7))
+    rows = block_sweep(model, calib, windows, [0.0, 0.6], blocks=[0], method="sparsegpt", device=device, progress=False)
+    assert rows[0]["ppl"] == perplexity(model, windows, progress=False)
+    assert np.isfinite(rows[1]["ppl"]) and rows[1]["ppl"] != rows[0]["ppl"]
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}

@@ -26,13 +26,14 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-def test_streaming_matches_in_memory(tmp_path, calib, arch):
+def test_streaming_matches_in_memory(tmp_path, calib, arch, device):
     plan = PruningPlan(method="sparsegpt", sparsity=0.5)
     _, src = _saved(tmp_path, arch)
-    res = prune_streaming(src, tmp_path / "out", calib, plan, progress=False)
+    # The calibration may already sit on the device.
+    res = prune_streaming(src, tmp_path / "out", calib.to(device), plan, device=device, progress=False)
 
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
-    pruner = Pruner(ref)
+    pruner = Pruner(ref, device=device)
     pruner.run(calib, plan, progress=False)
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     want = _weights(ref)
