@@ -15,7 +15,9 @@ import torch
 
 # torch 2.9 added a setting per backend; mixing it with the older global one makes torch raise
 # when the global one is read, so each torch gets only the API it has.
-_BACKENDS = tuple(b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision"))
+_BACKENDS = tuple(
+    b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)) if hasattr(b, "fp32_precision")
+)
 
 
 @contextlib.contextmanager
