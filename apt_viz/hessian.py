@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_matmul
 from .precision import ieee_float32
 
 
@@ -20,8 +21,8 @@ def accumulate_hessian(H: torch.Tensor | None, nsamples: int, inp: torch.Tensor)
     total = nsamples + t
     if nsamples:
         H.mul_(nsamples / total)
-    # addmm keeps the update in one BLAS call; the 2/n scaling is folded into alpha.
-    H.addmm_(X.t(), X, alpha=2.0 / total)
+    # One product, the 2/n scaling folded into alpha.
+    cpu_matmul.addmm_(H, X.t(), X, alpha=2.0 / total)
     return H, total
 
 
@@ -33,8 +34,8 @@ def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[
     """
     W = W.to(torch.float32)
     D = W_new.to(torch.float32) - W
-    err = float(((D @ H) * D).sum())
-    ref = float(((W @ H) * W).sum())
+    err = float((cpu_matmul.mm(D, H) * D).sum())
+    ref = float((cpu_matmul.mm(W, H) * W).sum())
     return err, err / ref if ref > 0 else float("inf") if err > 0 else 0.0
 
 

@@ -20,6 +20,7 @@ import itertools
 
 import torch
 
+from .. import cpu_matmul
 from ..config import Sparsity
 from ..hessian import inverse_and_factor, inverse_factor, prepare
 from ..precision import ieee_float32
@@ -93,7 +94,7 @@ def prune_apt(
         W_new, err = W_seq, seq_err
     if err is None:
         D = W_new - W
-        err = float(((D @ H) * D).sum())
+        err = float((cpu_matmul.mm(D, H) * D).sum())
     return SolverResult(W_new, ~pruned, 0.5 * err, damp + extra)
 
 

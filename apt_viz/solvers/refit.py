@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import cpu_matmul
 from ..precision import ieee_float32
 from . import cg_kernel
 
@@ -257,7 +258,7 @@ def refit_pcg(
         low_iters = it
         # The bfloat16 products left s and the bound a rounding off: recompute both from a, in
         # float32. The gap s H s^T, a small correction to the bound, is measured in bfloat16.
-        torch.mm(a, Hinv, out=aHinv)
+        cpu_matmul.mm(a, Hinv, out=aHinv)
         torch.sub(wP, aHinv, out=s).mul_(P)
         bound = float(_rowdot(a, torch.add(wP, s, out=t)).sum())
         gap = float(_rowdot(_product(s, H_m, t, scratch), s).sum())
@@ -266,7 +267,7 @@ def refit_pcg(
         low, fused, margin, Hinv_m, H_m, prec_m = False, False, 1.0, Hinv, H, prec
         gap = None
     if gap is None:
-        gap = float(_rowdot(torch.mm(s, H, out=t), s).sum())
+        gap = float(_rowdot(cpu_matmul.mm(s, H, out=t), s).sum())
     err = bound + gap
     # P is done with: it becomes the kept mask in place (``1.0 - P`` broadcasts a scalar, 20x slower on CPU).
     kept = P.neg_().add_(1.0)
@@ -316,7 +317,7 @@ def _product(
     ``scratch`` (with ``out``): two buffers of ``x``'s shape in ``M``'s dtype for the cast and the product.
     """
     if M.dtype == x.dtype:
-        return torch.mm(x, M) if out is None else torch.mm(x, M, out=out)
+        return cpu_matmul.mm(x, M, out=out)
     if scratch is None:
         r = torch.mm(x.to(M.dtype), M)
         return r.float() if out is None else out.copy_(r)

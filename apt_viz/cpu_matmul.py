@@ -1,0 +1,69 @@
+"""Float32 matrix products on CPU through oneDNN, which is faster there than torch's BLAS call.
+
+torch sends a float32 ``mm`` on CPU to MKL, and MKL runs its AVX2 code on AMD CPUs: about 90-95
+GFLOP/s per core on a Zen 5 EPYC. oneDNN, which torch also carries, runs AVX-512 there: 175-215
+GFLOP/s on the Hessians' and the solvers' shapes, to float32 accuracy (about 1e-6 of the largest
+entry, against MKL's 4e-7). The Hessians and the solvers' float32 products go through :func:`mm`
+and :func:`addmm_`; elsewhere, and where oneDNN is missing, they are torch's own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Below about this many multiply-adds the call's fixed costs (a fresh output, the copy or sum into
+# the caller's) outweigh the faster kernel: one and two EPYC cores broke even at 4-8M.
+MIN_MACS = 1 << 23
+# The speed bench turns it off to time torch's own products side by side.
+enabled = True
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (written into ``out`` when given)."""
+    if not _use_onednn(a, b):
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    r = _onednn_mm(a, b)
+    return r if out is None else out.copy_(r)
+
+
+def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``c += alpha * a @ b`` in place; returns ``c``."""
+    if not _use_onednn(a, b):
+        return c.addmm_(a, b, alpha=alpha)
+    return c.add_(_onednn_mm(a, b), alpha=alpha)
+
+
+def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        enabled
+        and a.device.type == "cpu"
+        and a.dtype == b.dtype == torch.float32
+        and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
+        and available()
+    )
+
+
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # oneDNN's linear takes the weight as (out, in): b's transpose, a view. A block of a larger
+    # matrix (rows longer than the block) sends oneDNN to a slow path, 30-100x slower than the
+    # copy that avoids it.
+    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), None, "none", [None], "")
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() or x.t().is_contiguous() else x.contiguous()
+
+
+@functools.cache
+def available() -> bool:
+    """Whether oneDNN's float32 product runs here and agrees with torch's (checked once per process)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(96, 80, generator=g), torch.randn(80, 72, generator=g)
+        return bool(torch.allclose(_onednn_mm(a, b), a.double().mm(b.double()).float(), rtol=1e-5, atol=1e-5))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
