@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from apt_viz import Sparsity, accumulate_hessian, layer_error, sparsify_weight
+from apt_viz import Sparsity, accumulate_hessian, cpu_matmul, layer_error, sparsify_weight
 from apt_viz.hessian import _inverse_cholesky_, factors_by_halves, inverse_and_factor, prepare
 from apt_viz.solvers.apt import REFIT_RTOL, select_mask
 from apt_viz.solvers.refit import BFLOAT16_MIN_COLS, refit_matmul_dtype, refit_pcg
@@ -70,12 +70,15 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(elapsed(fn, device) for _ in range(repeats))
 
 
-def matmul_peak(device: torch.device, n: int) -> float:
-    """Measured float32 matmul rate (flop/s) on ``n x n`` operands."""
+def matmul_rates(device: torch.device, n: int) -> dict[str, float]:
+    """Measured float32 matmul rates (flop/s) on ``n x n`` operands: torch's ``mm`` and, on CPU,
+    oneDNN's (:mod:`apt_viz.cpu_matmul`). The best of them is the peak the limits use."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    t = timed(lambda: a @ b, device, 5)
-    return 2 * n**3 / t
+    rates = {"torch's mm": 2 * n**3 / timed(lambda: a @ b, device, 5)}
+    if device.type == "cpu" and cpu_matmul.available():
+        rates["oneDNN"] = 2 * n**3 / timed(lambda: cpu_matmul._onednn_mm(a, b), device, 5)
+    return rates
 
 
 def layer(cols: int, rows: int, device: torch.device, tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,13 +125,27 @@ def bench_solvers(shapes, specs, device, repeats, peak) -> list[str]:
     return lines
 
 
-def bench_hessian(widths, device, peak, tokens: int = 8192) -> list[str]:
-    lines = ["| in | tokens | median s | tokens/s | fraction of matmul peak |", "|---|---|---|---|---|"]
+def bench_hessian(widths, device, peak, tokens: int = 8192, batch: int = 512) -> list[str]:
+    """``accumulate_hessian`` over ``tokens`` in batches of ``batch`` (one calibration window, as
+    the runner feeds it); on CPU beside the same with torch's own product (MKL's ``addmm``)."""
+    paths = [("apt_viz", True)] + ([("torch's addmm", False)] if device.type == "cpu" and cpu_matmul.available() else [])
+    lines = ["| in | tokens | path | median s | tokens/s | fraction of matmul peak |", "|---|---|---|---|---|---|"]
     for cols in widths:
-        X = torch.randn(tokens, cols, device=device)
-        t = timed(lambda: accumulate_hessian(None, 0, X), device, 5)
-        frac = 2 * tokens * cols**2 / t / peak
-        lines.append(f"| {cols} | {tokens} | {t:.4f} | {tokens / t:,.0f} | {frac:.0%} |")
+        X = torch.randn(tokens // batch, batch, cols, device=device)
+
+        def accumulate() -> None:
+            H, n = None, 0
+            for x in X:
+                H, n = accumulate_hessian(H, n, x)
+
+        for name, on in paths:
+            cpu_matmul.enabled = on
+            try:
+                t = timed(accumulate, device, 5)
+            finally:
+                cpu_matmul.enabled = True
+            frac = 2 * tokens * cols**2 / t / peak
+            lines.append(f"| {cols} | {tokens} | {name} | {t:.4f} | {tokens / t:,.0f} | {frac:.0%} |")
     return lines
 
 
@@ -300,14 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.shapes:
         shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
-    peak = matmul_peak(device, 512 if args.quick else 2048)
+    peak_n = 512 if args.quick else 2048
+    rates = matmul_rates(device, peak_n)
+    peak = max(rates.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     out = [
         "# Solver speed",
         "",
         f"Machine: {platform.platform()}, {name}, torch {torch.__version__}, device {device}.",
         f"Command: `python bench/speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "",
-        f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.repeats} runs after a warm-up;"
+        f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s, the best of "
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
+        + f" ({peak_n} x {peak_n} operands). Median of {args.repeats} runs after a warm-up;"
         " on each layer the solvers take turns, one run each per round.",
         "Limit = (2/3 in^3 + 2 out in^2) flops at that peak: the inverse factor plus one update pass.",
         f"APT's re-fit runs its matmuls in {str(refit_matmul_dtype('auto', device)).removeprefix('torch.')}"
