@@ -1,10 +1,12 @@
 """Float32 matrix products on CPU through oneDNN, which is faster there than torch's BLAS call.
 
 torch sends a float32 ``mm`` on CPU to MKL, and MKL runs its AVX2 code on AMD CPUs: about 90-95
-GFLOP/s per core on a Zen 5 EPYC. oneDNN, which torch also carries, runs AVX-512 there: 175-215
-GFLOP/s on the Hessians' and the solvers' shapes, to float32 accuracy (about 1e-6 of the largest
-entry, against MKL's 4e-7). The Hessians and the solvers' float32 products go through :func:`mm`
-and :func:`addmm_`; elsewhere, and where oneDNN is missing, they are torch's own.
+GFLOP/s per core on a Zen 5 EPYC. oneDNN, which torch also carries, runs AVX-512 there: 150-215
+GFLOP/s on the Hessians' and the re-fit's shapes, to float32 accuracy (about 1e-6 of the largest
+entry, against MKL's 4e-7). The Hessian accumulation, the layer error and the re-fit's float32
+products go through :func:`mm` and :func:`addmm_`. The inverse factor's products by halves and
+the mask selection's block updates stay torch's: through oneDNN they were no faster (their
+blocks must be copied dense, their results added back). Where oneDNN is missing, all are torch's.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def _factor(H: torch.Tensor, max_tries: int, keep_inverse: bool) -> tuple[torch.
         F = H.flip(0, 1)
         if extra:
             F.diagonal().add_(extra)
-        # LAPACK's factorization ran at 26-40 GFLOP/s on one AMD EPYC core where matmuls run at
-        # 95: on CPU, factoring and inverting together by halves puts both into matmuls (1536:
+        # LAPACK's factorization ran at 26-40 GFLOP/s on one AMD EPYC core where MKL's matmuls run
+        # at 95: on CPU, factoring and inverting together by halves puts both into matmuls (1536:
         # 58 -> 38 ms, 4096: 0.84 -> 0.60 s). Multiplying by a half's inverse instead of solving
         # with its factor left H^-1 2-3x further from float64's on rank-deficient Hessians
         # (1.1e-4 relative at worst, against 4.3e-5), and SmolLM2's layer errors the same to five
