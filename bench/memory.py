@@ -56,6 +56,20 @@ def write_model(folder: Path, layers: int, hidden: int, inter: int, vocab: int) 
     return total
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes. Linux's ``VmHWM`` belongs to the process image, so it
+    starts afresh at exec; ``ru_maxrss`` carries the parent's peak over into a child (here the
+    parent's, which wrote the model), so it is only the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def prune_child(src: str, out: str, method: str, nsamples: int, seqlen: int, device: str) -> None:
     """Runs in a fresh process: prune streaming and print peak memory as JSON."""
     from apt_viz import PruningPlan
@@ -64,13 +78,13 @@ def prune_child(src: str, out: str, method: str, nsamples: int, seqlen: int, dev
     import transformers  # noqa: F401  (loaded by the prune anyway: counted in the baseline)
 
     torch.empty(0, device=device)  # on a GPU, the CUDA runtime's libraries and context
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     vocab = json.loads((Path(src) / "config.json").read_text())["vocab_size"]
     calib = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     prune_streaming(src, out, calib, PruningPlan(method=method, sparsity=0.5), device=device, act_device="cpu", progress=False)
     peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "base": base, "gpu": peak_gpu,
+    print(json.dumps({"rss": peak_rss(), "base": base, "gpu": peak_gpu,
                       "seconds": time.perf_counter() - t0}))
 
 
