@@ -42,6 +42,8 @@ def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
         enabled
         and a.device.type == "cpu"
         and a.dtype == b.dtype == torch.float32
+        # oneDNN's op has no gradient; the solvers' tensors never need one.
+        and not (a.requires_grad or b.requires_grad)
         and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
         and available()
     )
