@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cpu_matmul
 from .checks import DataError
 
 __all__ = [
@@ -289,17 +290,18 @@ def perplexity(
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
     try:
-        for i in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, unit="batch"):
-            batch = windows[i : i + batch_size].to(dev)
-            logits = model(batch, use_cache=False).logits
-            shift_logits = logits[:, :-1, :].float()
-            shift_labels = batch[:, 1:]
-            loss = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none"
-            ).view(batch.size(0), seqlen - 1)
-            nll = loss.mean(dim=1) * seqlen  # per-window mean loss times seqlen
-            total_nll += nll.double().sum().cpu()
-            del logits, shift_logits, loss
+        with cpu_matmul.fast_linears(model):
+            for i in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, unit="batch"):
+                batch = windows[i : i + batch_size].to(dev)
+                logits = model(batch, use_cache=False).logits
+                shift_logits = logits[:, :-1, :].float()
+                shift_labels = batch[:, 1:]
+                loss = F.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none"
+                ).view(batch.size(0), seqlen - 1)
+                nll = loss.mean(dim=1) * seqlen  # per-window mean loss times seqlen
+                total_nll += nll.double().sum().cpu()
+                del logits, shift_logits, loss
     finally:
         model.train(was_training)
     return float(math.exp(total_nll.item() / (n * seqlen)))
@@ -351,14 +353,15 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | str, max_new_t
     model.eval()
     outputs: list[str] = []
     try:
-        for prompt in prompts:
-            enc = tokenizer(prompt, return_tensors="pt")
-            input_ids = enc["input_ids"].to(dev)
-            attn = enc.get("attention_mask")
-            attn = attn.to(dev) if attn is not None else torch.ones_like(input_ids)
-            out = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg)
-            new_tokens = out[0, input_ids.shape[1] :]
-            outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        with cpu_matmul.fast_linears(model):
+            for prompt in prompts:
+                enc = tokenizer(prompt, return_tensors="pt")
+                input_ids = enc["input_ids"].to(dev)
+                attn = enc.get("attention_mask")
+                attn = attn.to(dev) if attn is not None else torch.ones_like(input_ids)
+                out = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg)
+                new_tokens = out[0, input_ids.shape[1] :]
+                outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
     finally:
         model.train(was_training)
     return outputs

@@ -20,6 +20,7 @@ from .checks import (
     NumericalError, check_calibration, check_device, check_finite_weights, check_layer_fits, check_model, check_plan,
     layer_result_from_dict,
 )
+from . import cpu_matmul
 from .arch import ArchitectureError, block_index, find_blocks, find_linears, get_weight, input_source, set_weight, sublayer_kind
 from .capture import Stop, capture_block_inputs, first_output
 from .config import LayerOverride, PlanError, PruningPlan, Sparsity, nearest
@@ -137,7 +138,7 @@ class Pruner:
         before = set(self._dense)
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), cpu_matmul.fast_linears(self.model):
                 inps, extra = self._capture(calib)
                 bar = tqdm(total=last + 1, desc="pruning blocks", unit="block", disable=not progress)
                 for b in range(last + 1):

@@ -33,6 +33,7 @@ from .atomic import atomic_save_tensors, atomic_write
 from .capture import capture_block_inputs, first_output
 from .checks import check_calibration, check_device, check_plan, check_weight_files
 from .config import PruningPlan
+from .cpu_matmul import fast_linears
 from .runner import LayerResult, Pruner
 
 STATE = "stream-state.json"
@@ -137,7 +138,7 @@ def prune_streaming(
     for n in selected:
         chosen[block_index(n)].append(n)
     bar = tqdm(total=len(blocks), initial=done + 1, desc="pruning blocks (streaming)", unit="block", disable=not progress)
-    with torch.no_grad():
+    with torch.no_grad(), fast_linears(model):
         for b in range(done + 1, len(blocks)):
             block = blocks[b]
             dev = _mapped_device(devmap, f"{prefix}.{b}", device)

@@ -45,6 +45,26 @@ def test_streaming_matches_in_memory(tmp_path, calib, arch, device):
         assert r.rel_error == pytest.approx(pruner.results[name].rel_error, rel=1e-4)
 
 
+def test_streaming_matches_in_memory_with_forwards_through_onednn(tmp_path, calib, monkeypatch):
+    from apt_viz import cpu_matmul
+
+    # Both runs send every linear of their forwards through oneDNN (the tiny model's are too small otherwise).
+    monkeypatch.setattr(cpu_matmul, "MIN_MACS", 0)
+    calls = []
+    real = cpu_matmul._onednn_linear
+    monkeypatch.setattr(cpu_matmul, "_onednn_linear", lambda x, w, b: calls.append(1) or real(x, w, b))
+    plan = PruningPlan(method="apt", sparsity=0.5)
+    _, src = _saved(tmp_path, "llama")
+    prune_streaming(src, tmp_path / "out", calib, plan, progress=False)
+    assert calls
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    Pruner(ref).run(calib, plan, progress=False)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    want = _weights(ref)
+    for k, v in _weights(got).items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, calib, monkeypatch):
     plan = PruningPlan(method="apt", sparsity="2:4")
     _, src = _saved(tmp_path, "llama")
