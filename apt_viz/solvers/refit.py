@@ -21,7 +21,7 @@ import torch
 
 from .. import cpu_matmul
 from ..precision import ieee_float32
-from . import cg_kernel
+from . import cg_kernel, workspace
 
 # The re-fit dtype names that name one dtype (config.REFIT_DTYPES adds "auto").
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -142,15 +142,6 @@ def refit_pcg(
     """
     if matmul_dtype not in MATMUL_DTYPES.values():
         raise ValueError(f"matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype!r}")
-    Wf = W.to(torch.float32)
-    P = (~keep).to(torch.float32)
-    cols = W.shape[1]
-    blocks = [(i, min(i + block, cols)) for i in range(0, cols, block)]
-    # (Hinv_bb)^-1 is the Schur complement of H on the block: SPD, and cheap at block width.
-    prec = [torch.cholesky_inverse(torch.linalg.cholesky(Hinv[i:j, i:j])) for i, j in blocks]
-    tiny = torch.finfo(torch.float32).tiny
-    hdiag = torch.diagonal(H)
-    wP = Wf * P
     low = matmul_dtype != torch.float32 and error_rtol > 0
     if compiled and not (low and W.device.type == "cpu"):
         raise ValueError(
@@ -158,18 +149,37 @@ def refit_pcg(
             "pass compiled=None or False"
         )
     fused = low and W.device.type == "cpu" and compiled is not False
+    # The weight-sized work tensors: P, w_P, s, t, p, z, and in bfloat16 also a and two buffers for
+    # the casts and products (a fresh weight-sized temporary costs page faults, see .workspace).
+    specs = [(W.shape, torch.float32)] * (7 if low else 6) + [(W.shape, matmul_dtype)] * (2 if low else 0)
+    with workspace.buffers(specs, W.device) as work:
+        return _pcg(W, H, keep, Hinv, work, block, tol, error_rtol, max_iters, matmul_dtype, low, fused)
+
+
+def _pcg(
+    W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, Hinv: torch.Tensor, work: list[torch.Tensor], block: int,
+    tol: float, error_rtol: float, max_iters: int, matmul_dtype: torch.dtype, low: bool, fused: bool,
+) -> PCGResult:
+    """:func:`refit_pcg` on its checked arguments, with its uninitialised work tensors ``work``."""
+    Wf = W.to(torch.float32)
+    P, wP, s, t, p, z = work[:6]
+    P.copy_(~keep)
+    cols = W.shape[1]
+    blocks = [(i, min(i + block, cols)) for i in range(0, cols, block)]
+    # (Hinv_bb)^-1 is the Schur complement of H on the block: SPD, and cheap at block width.
+    prec = [torch.cholesky_inverse(torch.linalg.cholesky(Hinv[i:j, i:j])) for i, j in blocks]
+    tiny = torch.finfo(torch.float32).tiny
+    hdiag = torch.diagonal(H)
+    torch.mul(Wf, P, out=wP)
     Hinv_m, H_m = (Hinv.to(matmul_dtype), H.to(matmul_dtype)) if low else (Hinv, H)
     prec_m = [B.to(matmul_dtype) for B in prec] if low else prec
-    # Weight-sized casts and products go through these buffers: a fresh weight-sized temporary
-    # is mapped anew by the allocator, and its page faults cost as much as the cast itself.
-    # Compiled iterations keep p or s in the first (bfloat16) and the products in the second.
-    scratch = (torch.empty_like(Wf, dtype=matmul_dtype), torch.empty_like(Wf, dtype=matmul_dtype)) if low else None
-    a = torch.zeros_like(Wf) if low else None
-    # In bfloat16, a Hinv is one product after the iterations.
+    # Compiled iterations keep p or s in the first scratch buffer (bfloat16) and the products in the second.
+    scratch = (work[7], work[8]) if low else None
+    a = work[6].zero_() if low else None
+    # In bfloat16, a Hinv is one product after the iterations. It becomes the returned weight, so
+    # it is not a work buffer.
     aHinv = torch.empty_like(Wf) if low else torch.zeros_like(Wf)
-    s = wP.clone()
-    t = torch.empty_like(Wf)
-    p, z = torch.empty_like(Wf), torch.empty_like(Wf)
+    s.copy_(wP)
     stop = tol**2 * (torch.mul(Wf, Wf, out=t) @ hdiag[:, None]).clamp_min(tiny)
     # A bfloat16 product measures s H s^T within 0.06% on SmolLM2 layers: the float32 check allows
     # it 1%. The bfloat16 iterations' own s has drifted by a few percent more: their stop, which
