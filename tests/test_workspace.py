@@ -48,11 +48,15 @@ def test_buffers_are_reused_aligned_and_never_shared_while_in_use():
     assert workspace.kept_bytes() == 0
 
 
-def test_large_requests_are_not_kept(monkeypatch):
+def test_large_requests_are_not_kept_and_free_the_kept_arena(monkeypatch):
     workspace.release()
-    monkeypatch.setattr(workspace, "MAX_KEPT_BYTES", 100)
-    with workspace.buffers([((64,), torch.float32)], "cpu") as (t,):
-        assert t.shape == (64,)
+    monkeypatch.setattr(workspace, "MAX_KEPT_BYTES", 1000)
+    with workspace.buffers([((16,), torch.float32)], "cpu"):
+        pass
+    assert workspace.kept_bytes() == 64
+    with workspace.buffers([((640,), torch.float32)], "cpu") as (t,):
+        assert t.shape == (640,)
+        assert workspace.kept_bytes() == 0
     assert workspace.kept_bytes() == 0
 
 
