@@ -85,8 +85,9 @@ def fast_linears(model: nn.Module) -> Iterator[nn.Module]:
 
     Covers ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), by their class's own forward; a
     module whose forward is already replaced (accelerate's offload hooks, say) is left alone. A
-    call falls back to the module's own forward unless it is float32 on the CPU, at least
-    ``MIN_MACS`` multiply-adds, and needs no gradient. On exit the modules' forwards are put back.
+    call falls back to the module's own forward unless it is float32 on the CPU with a contiguous
+    weight, at least ``MIN_MACS`` multiply-adds, and needs no gradient. On exit the modules'
+    forwards are put back.
     """
     swapped: list[nn.Module] = []
     if enabled and available():
@@ -127,6 +128,8 @@ class _FastForward:
             and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu"))
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
             and x.dim() >= 2
+            # A strided weight (a view into a larger tensor) would take oneDNN's slow path.
+            and w.is_contiguous()
             and x.numel() * w.shape[1 if self.transposed else 0] >= MIN_MACS
         ):
             return self.own(x)

@@ -117,6 +117,14 @@ def test_fast_linears_leave_grad_small_and_hooked_calls_to_torch(monkeypatch):
         model(ids)
     assert len(calls) == sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)) - 1
     assert q.forward is hooked
+    # A strided weight (a view into a larger tensor) stays torch's.
+    lin = torch.nn.Linear(64, 32, bias=False)
+    lin.weight = torch.nn.Parameter(torch.randn(64, 64)[:, :32].t(), requires_grad=False)
+    x = torch.randn(4, 64)
+    n = len(calls)
+    with torch.no_grad(), cpu_matmul.fast_linears(lin):
+        torch.testing.assert_close(lin(x), x @ lin.weight.t())
+    assert len(calls) == n
     # Nothing is routed when the module is switched off, and an error inside still restores.
     monkeypatch.setattr(cpu_matmul, "enabled", False)
     with torch.no_grad(), cpu_matmul.fast_linears(model):
