@@ -21,14 +21,17 @@ over layers, by kind of layer) and everything else (capture, block forwards, Hes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
+import apt_viz.runner as runner
 from apt_viz import Sparsity, accumulate_hessian, cpu_matmul, layer_error, sparsify_weight
 from apt_viz.hessian import _inverse_cholesky_, factors_by_halves, inverse_and_factor, prepare
 from apt_viz.solvers.apt import REFIT_RTOL, select_mask
@@ -268,6 +271,28 @@ def bench_real(device: torch.device, repeats: int) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def calls_timed(module: Any, name: str, device: torch.device) -> Iterator[list[float]]:
+    """Replace ``module.name`` by a wrapper that adds each call's seconds to the yielded ``[total]``."""
+    own = getattr(module, name)
+    total = [0.0]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            return own(*args, **kwargs)
+        finally:
+            sync(device)
+            total[0] += time.perf_counter() - t0
+
+    setattr(module, name, wrapper)
+    try:
+        yield total
+    finally:
+        setattr(module, name, own)
+
+
 # Plan settings of the whole-prune runs; the first is the baseline.
 PIPELINE_RUNS = [{"method": "sparsegpt"}, {"method": "apt"}, {"method": "apt", "refit": False}]
 
@@ -277,19 +302,23 @@ def bench_pipeline(device: torch.device, runs=PIPELINE_RUNS, nsamples: int = 32,
     from apt_viz import Pruner, PruningPlan
 
     model, calib = smollm2_calibration(device, nsamples, seqlen, "pipeline")
-    lines = [f"SmolLM2-135M, 50% unstructured, {nsamples} x {seqlen} calibration tokens, device {device}.", "",
-             "| method | whole prune s | x sparsegpt | solver s | other s (capture, forwards, Hessians) | solver s by layer kind |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"SmolLM2-135M, 50% unstructured, {nsamples} x {seqlen} calibration tokens, device {device}. "
+             "Besides the solvers: the Hessians' accumulation, each layer's error check, and the rest "
+             "(the model's forwards, the capture of block 0's inputs, the bookkeeping).", "",
+             "| method | whole prune s | x sparsegpt | solver s | Hessians s | layer errors s | forwards and the rest s "
+             "| solver s by layer kind |",
+             "|---|---|---|---|---|---|---|---|"]
     base = None
     for settings in runs:
         plan = PruningPlan(sparsity=0.5, **settings)
         pruner = Pruner(model, device=device)
         sync(device)
-        t0 = time.perf_counter()
-        # A copy: restore() empties the pruner's own results.
-        results = dict(pruner.run(calib, plan, progress=False))
-        sync(device)
-        total = time.perf_counter() - t0
+        with calls_timed(runner, "accumulate_hessian", device) as hess, calls_timed(runner, "layer_error", device) as errs:
+            t0 = time.perf_counter()
+            # A copy: restore() empties the pruner's own results.
+            results = dict(pruner.run(calib, plan, progress=False))
+            sync(device)
+            total = time.perf_counter() - t0
         pruner.restore()
         base = base or total
         solve = sum(r.seconds for r in results.values())
@@ -297,7 +326,9 @@ def bench_pipeline(device: torch.device, runs=PIPELINE_RUNS, nsamples: int = 32,
         for r in results.values():
             kinds[r.kind] = kinds.get(r.kind, 0.0) + r.seconds
         split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {plan.method_label} | {total:.0f} | {total / base:.2f} | {solve:.0f} | {total - solve:.0f} | {split} |")
+        rest = total - solve - hess[0] - errs[0]
+        lines.append(f"| {plan.method_label} | {total:.0f} | {total / base:.2f} | {solve:.0f} | {hess[0]:.0f} | {errs[0]:.0f} "
+                     f"| {rest:.0f} | {split} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
 

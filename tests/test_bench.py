@@ -74,3 +74,21 @@ def test_gpu_check_rehearses_on_cpu(tmp_path):
     assert "passed" in (tmp_path / "tests.log").read_text() and "failed" not in (tmp_path / "tests.log").read_text()
     assert "| 64 x 128 | 2:4 | apt |" in (tmp_path / "speed-gpu.md").read_text()
     assert "peak RSS of the pruning process" in (tmp_path / "memory-gpu.md").read_text()
+
+
+def test_speed_calls_timed_adds_up_each_call_and_puts_the_function_back():
+    import time
+    import types
+
+    import pytest
+    import torch
+
+    speed = _load("speed")
+    ns = types.SimpleNamespace(f=lambda x: time.sleep(0.01) or x + 1)
+    own = ns.f
+    with speed.calls_timed(ns, "f", torch.device("cpu")) as total:
+        assert ns.f(1) == 2 and ns.f(2) == 3
+        with pytest.raises(TypeError):
+            ns.f()
+    assert ns.f is own
+    assert 0.02 <= total[0] < 1.0

@@ -67,7 +67,8 @@ def _step(tb, p, P, a, s, rz, sb, alpha):  # pragma: no cover - compiled
         pt = 0.0
         for j in range(cols):
             pt += np.float64(p[r, j]) * np.float64(_from_bf16(tb[r, j]))
-        al = np.float32(rz[r] / max(np.float32(pt), np.float32(_TINY)))
+        # A curvature that rounding made zero or negative (or NaN) takes no step, as in refit_pcg.
+        al = np.float32(rz[r] / max(np.float32(pt), np.float32(_TINY))) if pt > 0.0 else np.float32(0.0)
         alpha[r] = al
         for j in range(cols):
             a[r, j] += al * p[r, j]
