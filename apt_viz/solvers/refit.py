@@ -138,7 +138,10 @@ def refit_pcg(
     again with the residual and the bound recomputed from ``a`` in float32 (one matmul); the gap
     ``s H s^T``, a correction of at most ``error_rtol`` to the bound, is measured with a bfloat16
     matmul, which is accurate to 0.06% on SmolLM2 layers, and the stop test allows it 1%. If that
-    check fails, CG goes on in float32 from ``a``.
+    check fails, CG goes on in float32 from ``a``. On an ill-conditioned ``H`` (a layer calibrated
+    on a few hundred tokens) bfloat16's rounding stalls CG short of the stop and would then make it
+    diverge, so the bfloat16 pass also ends after ``STALL_ITERS`` iterations without a new lowest
+    residual estimate, and float32 takes over.
 
     ``compiled``: on CPU, the bfloat16 iterations' vector work runs as two fused, compiled passes
     per iteration (:mod:`.cg_kernel`) where torch takes about ten (``None``, the default, or
