@@ -43,7 +43,7 @@ def buffers(specs: Sequence[tuple[Sequence[int], torch.dtype]], device: torch.de
     ``MAX_KEPT_BYTES``); elsewhere, or when a call is already inside, they are fresh tensors.
     """
     device = torch.device(device)
-    sizes = [torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs]
+    sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs]
     spans = [-(-n // _ALIGN) * _ALIGN for n in sizes]
     total = sum(spans)
     if device.type == "cpu" and not _arena.busy and total > MAX_KEPT_BYTES:
