@@ -15,7 +15,8 @@ Hessian accumulation is timed separately, as tokens per second and as a fraction
 
 The pipeline section prunes the offline SmolLM2-135M (32 x 512 tokens of WikiText-2 valid) with
 each method in turn, from the same dense weights, and splits the time into the solver (summed
-over layers, by kind of layer) and everything else (capture, block forwards, Hessians).
+over layers, by kind of layer), the Hessians' accumulation, the layer errors, and the rest (the
+model's forwards, the capture of block 0's inputs, bookkeeping).
 """
 
 from __future__ import annotations
