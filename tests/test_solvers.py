@@ -418,6 +418,28 @@ def test_pcg_error_rtol_certifies_the_error_and_reports_it_exactly(spec, rtol, m
     assert res.iters < exact.iters
     # bfloat16's rounding stays far below these tolerances: no float32 iteration is needed.
     assert res.float32_iters == (res.iters if matmul_dtype == torch.float32 else 0)
+    assert res.converged
+
+
+def test_pcg_says_when_it_stops_uncertified_and_apt_warns(monkeypatch):
+    """Stopped by max_iters, the re-fit reports it, and APT warns with what to change."""
+    import functools
+    import importlib
+
+    W, X, H = layer(10, rows=40, cols=256, n=1024)
+    keep = sparsify_weight(W, H, "0.5", "wanda").mask
+    Wp, Hd, damp = prepare(W, H, 0.01)
+    Hinv = torch.linalg.inv(Hd.double()).float()
+    for rtol in (1e-3, 0.0):
+        short = refit_pcg(Wp, Hd, keep, Hinv, error_rtol=rtol, max_iters=2)
+        assert short.iters == 2 and not short.converged
+        # Still the weight of its multipliers, with its own error.
+        assert short.error == pytest.approx(layer_error(Wp, short.weight, Hd)[0], rel=1e-4)
+    apt_mod = importlib.import_module("apt_viz.solvers.apt")
+    monkeypatch.setattr(apt_mod, "refit_pcg", functools.partial(refit_pcg, max_iters=2))
+    with pytest.warns(RuntimeWarning, match="without certifying the layer error.*more tokens"):
+        res = sparsify_weight(W, H, "0.5", "apt")
+    assert torch.isfinite(res.weight).all()
 
 
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])

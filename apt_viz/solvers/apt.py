@@ -17,6 +17,7 @@ mask is then re-fitted exactly, row by row.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 
@@ -88,6 +89,14 @@ def prune_apt(
         if refit_solver == "pcg":
             fit = refit_pcg(W, H, ~pruned, Hinv, error_rtol=refit_rtol, matmul_dtype=matmul_dtype)
             W_new, err = fit.weight, fit.error
+            if not fit.converged:
+                warnings.warn(
+                    f"APT's re-fit stopped after {fit.iters} iterations without certifying the layer error within "
+                    f"{refit_rtol:g} of the optimum (an ill-conditioned Hessian); its weights are used as they are. "
+                    "Calibrate on more tokens, raise percdamp, or pass refit_solver='direct'",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         else:
             W_new = refit(W, H, ~pruned, Hinv=Hinv)
     else:

@@ -89,13 +89,16 @@ def refit(
 
 class PCGResult(NamedTuple):
     """What :func:`refit_pcg` returns: the re-fitted weight, the iterations run, the layer
-    error ``sum_rows (w'-w) H (w'-w)^T`` of that weight, and how many of the iterations ran with
-    float32 matmuls (all of them unless ``matmul_dtype`` is lower)."""
+    error ``sum_rows (w'-w) H (w'-w)^T`` of that weight, how many of the iterations ran with
+    float32 matmuls (all of them unless ``matmul_dtype`` is lower), and whether the stop was met
+    (the error certified within ``error_rtol``, or with ``error_rtol = 0`` every row's residual
+    under ``tol``) rather than ``max_iters`` reached."""
 
     weight: torch.Tensor
     iters: int
     error: float
     float32_iters: int
+    converged: bool = True
 
 
 @ieee_float32()
@@ -297,9 +300,10 @@ def _pcg(
     if gap is None:
         gap = float(_rowdot(cpu_matmul.mm(s, H, out=t), s).sum())
     err = bound + gap
+    converged = gap <= error_rtol * bound if error_rtol > 0 else not bool((rz > stop).any())
     # P is done with: it becomes the kept mask in place (``1.0 - P`` broadcasts a scalar, 20x slower on CPU).
     kept = P.neg_().add_(1.0)
-    return PCGResult(aHinv.neg_().add_(Wf).mul_(kept), it, max(err, 0.0), it - low_iters)
+    return PCGResult(aHinv.neg_().add_(Wf).mul_(kept), it, max(err, 0.0), it - low_iters, converged)
 
 
 def refit_matmul_dtype(choice: str, device: torch.device | str, cols: int = BFLOAT16_MIN_COLS) -> torch.dtype:
