@@ -46,9 +46,11 @@ def buffers(specs: Sequence[tuple[Sequence[int], torch.dtype]], device: torch.de
     sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in specs]
     spans = [-(-n // _ALIGN) * _ALIGN for n in sizes]
     total = sum(spans)
-    if device.type == "cpu" and not _arena.busy and total > MAX_KEPT_BYTES:
-        _arena.buf = None
-    if device.type != "cpu" or _arena.busy or total > MAX_KEPT_BYTES:
+    kept = device.type == "cpu" and not _arena.busy
+    if kept and total > MAX_KEPT_BYTES:
+        release()  # fresh tensors for this one, and no kept arena beside them
+        kept = False
+    if not kept:
         yield [torch.empty(tuple(shape), dtype=dtype, device=device) for shape, dtype in specs]
         return
     if _arena.buf is None or _arena.buf.numel() < total:
