@@ -70,15 +70,20 @@ DERIVED_INPUTS: dict[tuple[str, str], tuple[str, Callable[[nn.Module, torch.Tens
 }
 
 
-def input_source(model: nn.Module, name: str) -> tuple[nn.Module, Callable[[nn.Module, tuple, Any], torch.Tensor]]:
-    """The module whose forward hook sees layer ``name``'s input, and how to read it from the hook."""
+def input_source(model: nn.Module, name: str) -> tuple[nn.Module, Callable[[nn.Module, tuple, Any], torch.Tensor], bool]:
+    """The module whose hook sees layer ``name``'s input, how to read it from the hook's
+    ``(module, inputs, output)``, and whether that is a pre-hook (``output`` is then None).
+
+    A layer that is called reads its own input before it runs, so that a forward which only
+    gathers inputs can stop there without the layer's product.
+    """
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     derived = DERIVED_INPUTS.get((type(parent).__name__, leaf))
     if derived is None:
-        return model.get_submodule(name), lambda mod, inp, out: inp[0]
+        return model.get_submodule(name), lambda mod, inp, out: inp[0], True
     sibling, read = derived
-    return getattr(parent, sibling), lambda mod, inp, out: read(parent, out)
+    return getattr(parent, sibling), lambda mod, inp, out: read(parent, out), False
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

@@ -253,7 +253,9 @@ class Pruner:
         return result
 
     def _accumulate(self, block: nn.Module, modules: dict[str, nn.Module], inps: list[torch.Tensor], extra: tuple[tuple, dict]) -> None:
-        """Run the block over all samples and store each module's Hessian (shared inputs are aliased)."""
+        """Run the block over all samples and store each module's Hessian (shared inputs are aliased).
+
+        Each forward stops once every module has had its input, before the last one's product."""
         H: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
         alias: dict[str, str] = {}
@@ -298,12 +300,12 @@ class Pruner:
         """Call ``on_input(name, x)`` with each module's input during a forward; returns the handles."""
         handles = []
         for name in modules:
-            source, read = input_source(self.model, name)
+            source, read, before = input_source(self.model, name)
 
-            def f(mod: nn.Module, inp: tuple, out: Any, name: str = name, read: Callable = read) -> None:
+            def f(mod: nn.Module, inp: tuple, out: Any = None, name: str = name, read: Callable = read) -> None:
                 on_input(name, read(mod, inp, out))
 
-            handles.append(source.register_forward_hook(f))
+            handles.append(source.register_forward_pre_hook(f) if before else source.register_forward_hook(f))
         return handles
 
     def _groups(self, block: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, extra: tuple[tuple, dict]) -> list[list[str]]:

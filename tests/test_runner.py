@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from apt_viz import ArchitectureError, PlanError, Pruner, PruningPlan, prunable_layers
-from apt_viz.arch import find_blocks, get_weight
+from apt_viz.arch import block_index, find_blocks, get_weight, input_source
 from apt_viz.capture import move_outside_blocks, restore_devices
 from apt_viz.checks import check_device
+from apt_viz.hessian import accumulate_hessian
 from conftest import ARCHS, VOCAB, tiny_model
 
 PROBE = torch.arange(24).remainder(VOCAB)[None]
@@ -118,6 +119,43 @@ def test_sequential_groups_follow_the_data_flow(calib):
     groups = p._groups(block, {n: p.layers[n] for n in names}, inps[0], extra[0])
     short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hessian_forwards_stop_before_the_last_layers_product_with_the_same_hessians(arch, calib):
+    model = tiny_model(arch)
+    p = Pruner(model)
+    block = p.blocks[0]
+    names = [n for n in p.layer_names if block_index(n) == 0]
+    inps, extra = p._capture(calib[:3])
+    # The reference: every layer's input from whole forwards of the block.
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    ran: list[str] = []
+    inputs, calls = [], []
+    for n in names:
+        source, read, before = input_source(model, n)
+        hook = lambda mod, inp, out=None, n=n, read=read: seen[n].append(read(mod, inp, out).detach().clone())  # noqa: E731
+        inputs.append(source.register_forward_pre_hook(hook) if before else source.register_forward_hook(hook))
+        calls.append(p.layers[n].register_forward_hook(lambda mod, inp, out, n=n: ran.append(n)))
+    with torch.no_grad():
+        for x in inps:
+            block(x, *extra[0][0], **extra[0][1])
+    for h in inputs:
+        h.remove()
+    last = ran[-1]
+    ran.clear()
+    with torch.no_grad():
+        p._accumulate(block, {n: p.layers[n] for n in names}, inps, extra[0])
+    for h in calls:
+        h.remove()
+    assert last not in ran, f"{last}'s product ran in a forward that only gathers inputs"
+    # Every other layer that the block calls ran once per sample (Mamba's dt_proj is never called).
+    assert sorted(ran) == sorted(n for n in names for _ in inps if n != last and input_source(model, n)[2])
+    for n in names:
+        want, count = None, 0
+        for x in seen[n]:
+            want, count = accumulate_hessian(want, count, x)
+        torch.testing.assert_close(p.hessians.get(n, "cpu"), want, rtol=1e-5, atol=1e-6)
 
 
 def test_reprune_uses_cached_hessian_and_changes_one_layer(calib):
