@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from apt_viz import ArchitectureError, METHODS, PlanError, Pruner, PruningPlan, Sparsity, sparsify_weight
-from apt_viz.checks import DataError, DeviceError, ModelError, check_device, check_model, check_plan
+from apt_viz.checks import DataError, DeviceError, ModelError, check_device, check_model, check_plan, warn_tf32_override
 from apt_viz.data import calibration_windows, load_text
 from conftest import VOCAB, tiny_model, word_tokenizer
 
@@ -262,3 +262,20 @@ def test_device_that_does_not_exist(dev):
     with pytest.raises(DeviceError):
         check_device(dev)
     assert check_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE"])
+def test_a_tf32_override_in_the_environment_is_named_for_cuda(name, monkeypatch):
+    import warnings
+
+    for other in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE"):
+        monkeypatch.delenv(other, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_tf32_override(torch.device("cuda:0"))
+        monkeypatch.setenv(name, "0")
+        warn_tf32_override(torch.device("cuda:0"))
+        monkeypatch.setenv(name, "1")
+        warn_tf32_override(torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match=rf"{name}=1 in the environment.*set {name}=0 before starting Python"):
+        warn_tf32_override(torch.device("cuda:0"))
