@@ -80,24 +80,22 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev if dev.index is not None else torch.empty(0, device=dev).device
 
 
-# Environment switches that make cuBLAS run float32 matmuls as TF32 past torch's own setting (NVIDIA's
-# PyTorch containers set the first).
-TF32_OVERRIDES = ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")
+# torch's switch that makes cuBLAS run float32 matmuls as TF32 past torch's own setting; NVIDIA's
+# PyTorch containers set it. (NVIDIA_TF32_OVERRIDE only turns TF32 off: no other value is honoured.)
+TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
 
 
 def warn_tf32_override(dev: torch.device) -> None:
     """Warn when the environment makes cuBLAS run float32 matmuls as TF32 whatever torch asks for.
 
-    Those switches override the IEEE float32 setting that the Hessians and solves run under
+    That switch overrides the IEEE float32 setting that the Hessians and solves run under
     (:func:`apt_viz.precision.ieee_float32`): their products then keep 10 bits of mantissa, and
     the re-fit's certified error no longer holds.
     """
-    found = [name for name in TF32_OVERRIDES if os.environ.get(name) == "1"]
-    if dev.type == "cuda" and found:
+    if dev.type == "cuda" and os.environ.get(TF32_OVERRIDE) == "1":
         warnings.warn(
-            f"{' and '.join(found)}=1 in the environment: cuBLAS then runs the Hessians' and solvers' float32 "
-            f"matmuls as TF32 whatever apt_viz asks for; set {' and '.join(found)}=0 before starting Python "
-            "for float32 solves",
+            f"{TF32_OVERRIDE}=1 in the environment: cuBLAS then runs the Hessians' and solvers' float32 matmuls "
+            f"as TF32 whatever apt_viz asks for; set {TF32_OVERRIDE}=0 before starting Python for float32 solves",
             RuntimeWarning,
             stacklevel=3,
         )
