@@ -79,13 +79,14 @@ def test_keyboard_interrupt_in_the_middle_of_a_block_then_exact_restore(device):
     p = Pruner(model, device=device)
     fired = []
 
-    def interrupt(mod, inp, out):
-        # Ctrl-C during a forward pass of block 1, once its attention linears are already pruned.
+    def interrupt(mod, inp):
+        # Ctrl-C during a forward pass of block 1, once its attention linears are already pruned: as
+        # the forward that gathers down_proj's input reaches it (that forward never runs its product).
         if "model.layers.1.self_attn.o_proj" in p.results:
             fired.append(True)
             raise KeyboardInterrupt
 
-    model.model.layers[1].mlp.down_proj.register_forward_hook(interrupt)
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(interrupt)
     with pytest.raises(KeyboardInterrupt):
         p.run(CALIB, PruningPlan(method="wanda", sparsity=0.5, sequential=True), progress=False)
     assert fired
