@@ -86,6 +86,18 @@ def input_source(model: nn.Module, name: str) -> tuple[nn.Module, Callable[[nn.M
     return getattr(parent, sibling), lambda mod, inp, out: read(parent, out), False
 
 
+def shared_parent(names: Iterable[str]) -> str:
+    """The dotted path of the deepest module that holds every module in ``names`` ("" for the root)."""
+    paths = [n.split(".")[:-1] for n in names]
+    common = paths[0] if paths else []
+    for path in paths[1:]:
+        i = 0
+        while i < min(len(common), len(path)) and common[i] == path[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out x in); a view of the parameter (transposed for Conv1D)."""
     w = module.weight.data

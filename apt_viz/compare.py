@@ -93,21 +93,26 @@ class _SharingPruner(Pruner):
         self._inputs = [x.clone() for x in inps]
         return self._inputs, extra
 
-    def _accumulate(self, block: nn.Module, modules: dict[str, nn.Module], inps: list[torch.Tensor], extra: tuple[tuple, dict]) -> None:
+    def _accumulate(
+        self, block: nn.Module, modules: dict[str, nn.Module], inps: list[torch.Tensor], extra: tuple[tuple, dict], *,
+        start: list[Callable[[], Any]] | None = None, record: nn.Module | None = None,
+    ) -> list[Callable[[], Any]] | None:
         s = self._shared
         dense_block0 = (
-            block is self.blocks[0] and inps is self._inputs and not any(n in self._dense for n in self._block0)
+            block is self.blocks[0] and inps is self._inputs and start is None
+            and not any(n in self._dense for n in self._block0)
         )
         if not dense_block0:
             s._dense_block0.difference_update(modules)  # their cached Hessians now reflect a pruned state
-            super()._accumulate(block, modules, inps, extra)
-            return
+            return super()._accumulate(block, modules, inps, extra, start=start, record=record)
         todo = {n: m for n, m in modules.items() if n not in s._dense_block0 or n not in self.hessians}
         s.block0_reused += len(modules) - len(todo)
-        if todo:
-            super()._accumulate(block, todo, inps, extra)
-            s._dense_block0.update(todo)
-            s.block0_passes += 1
+        if not todo:
+            return None  # no forward ran, so nothing was recorded: the next group starts from the block
+        recorded = super()._accumulate(block, todo, inps, extra, record=record)
+        s._dense_block0.update(todo)
+        s.block0_passes += 1
+        return recorded
 
 
 @dataclass

@@ -105,6 +105,10 @@ class PruningPlan:
     ``refit_dtype`` is the re-fit's matmul dtype: ``"auto"`` (bfloat16 where the device has bfloat16
     matmul units, float32 elsewhere), ``"float32"`` (the same weights on every machine) or
     ``"bfloat16"``; the re-fit's error is certified within ``refit_rtol`` either way.
+    ``sequential`` calibrates each group of layers that share an input (q/k/v, o, gate/up, down)
+    on the outputs of the block's already pruned groups, as SparseGPT's ``--true-sequential``: more
+    forwards per block, and while a group's successor shares a submodule with it (Llama's MLP) the
+    inputs of that submodule are held as well, one more set of calibration activations.
     """
 
     method: str = "apt"

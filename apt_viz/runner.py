@@ -8,6 +8,7 @@ Only the current block and the calibration activations need to live on ``device`
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
@@ -21,7 +22,9 @@ from .checks import (
     layer_result_from_dict,
 )
 from . import cpu_matmul
-from .arch import ArchitectureError, block_index, find_blocks, find_linears, get_weight, input_source, set_weight, sublayer_kind
+from .arch import (
+    ArchitectureError, block_index, find_blocks, find_linears, get_weight, input_source, set_weight, shared_parent, sublayer_kind,
+)
 from .capture import Stop, capture_block_inputs, first_output
 from .config import LayerOverride, PlanError, PruningPlan, Sparsity, nearest
 from .hessian import accumulate_hessian, layer_error
@@ -209,9 +212,16 @@ class Pruner:
         plan: PruningPlan, should_stop: Callable[[], bool] | None,
     ) -> None:
         modules = {n: self.layers[n] for n in names}
-        groups = self._groups(block, modules, inps[0], extra) if plan.sequential else [names]
-        for group in groups:
-            self._accumulate(block, {n: modules[n] for n in group}, inps, extra)
+        groups, once = self._groups(block, modules, inps[0], extra) if plan.sequential else ([names], set())
+        start = None
+        for k, group in enumerate(groups):
+            # Sequential groups k and k+1 inside one submodule of the block that the block calls once
+            # (Llama's mlp for gate/up and down): its inputs depend on neither group, so group k's
+            # forwards record them, and group k+1 runs that submodule alone instead of the block up
+            # to it. The same inputs, so the same Hessians.
+            parent = shared_parent(group + groups[k + 1]) if k + 1 < len(groups) else ""
+            record = self.model.get_submodule(parent) if parent in once else None
+            start = self._accumulate(block, {n: modules[n] for n in group}, inps, extra, start=start, record=record)
             for name in group:
                 if should_stop and should_stop():
                     return
@@ -252,10 +262,17 @@ class Pruner:
             self.masks[name] = (new != 0).to("cpu")
         return result
 
-    def _accumulate(self, block: nn.Module, modules: dict[str, nn.Module], inps: list[torch.Tensor], extra: tuple[tuple, dict]) -> None:
+    def _accumulate(
+        self, block: nn.Module, modules: dict[str, nn.Module], inps: list[torch.Tensor], extra: tuple[tuple, dict], *,
+        start: list[Callable[[], Any]] | None = None, record: nn.Module | None = None,
+    ) -> list[Callable[[], Any]] | None:
         """Run the block over all samples and store each module's Hessian (shared inputs are aliased).
 
-        Each forward stops once every module has had its input, before the last one's product."""
+        Each forward stops once every module has had its input, before the last one's product.
+        ``start``: calls to run instead of the block, one per sample (a submodule on its recorded
+        inputs). With ``record``, returns that module's call on each sample's inputs to it (None if
+        a forward did not call it exactly once)."""
+        forwards = start or [functools.partial(block, x, *extra[0], **extra[1]) for x in inps]
         H: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
         alias: dict[str, str] = {}
@@ -273,13 +290,20 @@ class Pruner:
             if not remaining:
                 raise Stop
 
+        calls: list[tuple[tuple, dict]] = []
+
+        def on_call(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append((args, kwargs))
+
         handles = self._input_hooks(modules, on_input)
+        if record is not None:
+            handles.append(record.register_forward_pre_hook(on_call, with_kwargs=True))
         try:
-            for x in inps:
+            for run in forwards:
                 seen.clear()
                 remaining.update(modules)
                 try:
-                    block(x, *extra[0], **extra[1])
+                    run()
                 except Stop:
                     pass
         finally:
@@ -295,6 +319,9 @@ class Pruner:
                     f"layer {name} was never called during its block's forward, so its input cannot be captured; "
                     "exclude it from the plan (PruningPlan(exclude=[...]))"
                 )
+        if record is None or len(calls) != len(forwards):
+            return None
+        return [functools.partial(record, *args, **kwargs) for args, kwargs in calls]
 
     def _input_hooks(self, modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> list[Any]:
         """Call ``on_input(name, x)`` with each module's input during a forward; returns the handles."""
@@ -308,16 +335,26 @@ class Pruner:
             handles.append(source.register_forward_pre_hook(f) if before else source.register_forward_hook(f))
         return handles
 
-    def _groups(self, block: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, extra: tuple[tuple, dict]) -> list[list[str]]:
-        """Linears grouped by shared input, in call order (q/k/v, o, gate/up, down for Llama)."""
+    def _groups(
+        self, block: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, extra: tuple[tuple, dict]
+    ) -> tuple[list[list[str]], set[str]]:
+        """Linears grouped by shared input, in call order (q/k/v, o, gate/up, down for Llama), and the
+        paths of the block's submodules that its forward calls exactly once."""
         order: list[tuple[str, tuple]] = []
         held: list[torch.Tensor] = []
+        calls: dict[str, int] = {}
 
         def on_input(name: str, t: torch.Tensor) -> None:
             held.append(t)
             order.append((name, (t.data_ptr(), tuple(t.shape), tuple(t.stride()))))
 
+        def count(path: str) -> Callable[..., None]:
+            return lambda mod, args: calls.__setitem__(path, calls.get(path, 0) + 1)
+
+        root = next((f"{self.prefix}.{i}" for i, m in enumerate(self.blocks) if m is block), None)
         handles = self._input_hooks(modules, on_input)
+        if root is not None:
+            handles += [m.register_forward_pre_hook(count(f"{root}.{n}")) for n, m in block.named_modules() if n]
         try:
             block(x, *extra[0], **extra[1])
         finally:
@@ -330,7 +367,7 @@ class Pruner:
                 placed.add(name)
                 groups.setdefault(key, []).append(name)
         missing = [n for n in modules if n not in placed]
-        return list(groups.values()) + ([missing] if missing else [])
+        return list(groups.values()) + ([missing] if missing else []), {p for p, n in calls.items() if n == 1}
 
 
 def _module_device(module: nn.Module) -> torch.device:

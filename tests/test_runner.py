@@ -116,9 +116,34 @@ def test_sequential_groups_follow_the_data_flow(calib):
     block = p.blocks[0]
     names = [n for n in p.layer_names if n.startswith("model.layers.0.")]
     inps, extra = p._capture(calib[:1])
-    groups = p._groups(block, {n: p.layers[n] for n in names}, inps[0], extra[0])
+    groups, once = p._groups(block, {n: p.layers[n] for n in names}, inps[0], extra[0])
     short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert {"model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0.mlp.down_proj"} <= once
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequential_groups_inside_one_submodule_run_it_alone_with_the_same_weights(arch, calib, monkeypatch):
+    import apt_viz.runner as runner_module
+
+    weights, attention_calls = {}, {}
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(runner_module, "shared_parent", lambda names: "")
+        model = tiny_model(arch)
+        p = Pruner(model)
+        block = p.blocks[0]
+        attention = next(m for n, m in block.named_children() if n in ("self_attn", "attn", "mixer"))
+        calls = []
+        attention.register_forward_pre_hook(lambda mod, args: calls.append(1))
+        p.run(calib, PruningPlan(method="sparsegpt", sparsity=0.5, sequential=True), progress=False)
+        weights[shortcut] = {n: get_weight(m).clone() for n, m in p.layers.items()}
+        attention_calls[shortcut] = len(calls)
+    for n in weights[False]:
+        assert torch.equal(weights[True][n], weights[False][n]), n
+    if arch in ("llama", "gemma3", "gpt2"):
+        # The MLP's last group runs the MLP alone: one attention call fewer per sample.
+        assert attention_calls[True] == attention_calls[False] - len(calib)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
