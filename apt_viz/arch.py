@@ -7,7 +7,8 @@ weight transposed, as in x out).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -88,14 +89,7 @@ def input_source(model: nn.Module, name: str) -> tuple[nn.Module, Callable[[nn.M
 
 def shared_parent(names: Iterable[str]) -> str:
     """The dotted path of the deepest module that holds every module in ``names`` ("" for the root)."""
-    paths = [n.split(".")[:-1] for n in names]
-    common = paths[0] if paths else []
-    for path in paths[1:]:
-        i = 0
-        while i < min(len(common), len(path)) and common[i] == path[i]:
-            i += 1
-        common = common[:i]
-    return ".".join(common)
+    return ".".join(os.path.commonprefix([n.split(".")[:-1] for n in names]))
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

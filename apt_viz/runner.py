@@ -219,8 +219,8 @@ class Pruner:
             # (Llama's mlp for gate/up and down): its inputs depend on neither group, so group k's
             # forwards record them, and group k+1 runs that submodule alone instead of the block up
             # to it. The same inputs, so the same Hessians.
-            parent = shared_parent(group + groups[k + 1]) if k + 1 < len(groups) else ""
-            record = self.model.get_submodule(parent) if parent in once else None
+            parent = self.model.get_submodule(shared_parent(group + groups[k + 1])) if k + 1 < len(groups) else None
+            record = parent if parent in once else None
             start = self._accumulate(block, {n: modules[n] for n in group}, inps, extra, start=start, record=record)
             for name in group:
                 if should_stop and should_stop():
@@ -337,24 +337,22 @@ class Pruner:
 
     def _groups(
         self, block: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, extra: tuple[tuple, dict]
-    ) -> tuple[list[list[str]], set[str]]:
+    ) -> tuple[list[list[str]], set[nn.Module]]:
         """Linears grouped by shared input, in call order (q/k/v, o, gate/up, down for Llama), and the
-        paths of the block's submodules that its forward calls exactly once."""
+        block's submodules that its forward calls exactly once."""
         order: list[tuple[str, tuple]] = []
         held: list[torch.Tensor] = []
-        calls: dict[str, int] = {}
+        calls: dict[nn.Module, int] = {}
 
         def on_input(name: str, t: torch.Tensor) -> None:
             held.append(t)
             order.append((name, (t.data_ptr(), tuple(t.shape), tuple(t.stride()))))
 
-        def count(path: str) -> Callable[..., None]:
-            return lambda mod, args: calls.__setitem__(path, calls.get(path, 0) + 1)
+        def count(mod: nn.Module, args: tuple) -> None:
+            calls[mod] = calls.get(mod, 0) + 1
 
-        root = next((f"{self.prefix}.{i}" for i, m in enumerate(self.blocks) if m is block), None)
         handles = self._input_hooks(modules, on_input)
-        if root is not None:
-            handles += [m.register_forward_pre_hook(count(f"{root}.{n}")) for n, m in block.named_modules() if n]
+        handles += [m.register_forward_pre_hook(count) for m in block.modules() if m is not block]
         try:
             block(x, *extra[0], **extra[1])
         finally:
@@ -367,7 +365,7 @@ class Pruner:
                 placed.add(name)
                 groups.setdefault(key, []).append(name)
         missing = [n for n in modules if n not in placed]
-        return list(groups.values()) + ([missing] if missing else []), {p for p, n in calls.items() if n == 1}
+        return list(groups.values()) + ([missing] if missing else []), {m for m, n in calls.items() if n == 1}
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -119,7 +119,7 @@ def test_sequential_groups_follow_the_data_flow(calib):
     groups, once = p._groups(block, {n: p.layers[n] for n in names}, inps[0], extra[0])
     short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
-    assert {"model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0.mlp.down_proj"} <= once
+    assert {block.self_attn, block.mlp, block.mlp.down_proj} <= once
 
 
 @pytest.mark.parametrize("arch", ARCHS)
