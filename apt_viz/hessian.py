@@ -8,22 +8,43 @@ from . import cpu_matmul
 from .precision import ieee_float32
 
 
+# Rows of H that one product of ``accumulate_hessian(..., upper=True)`` updates.
+GRAM_ROWS = 384
+
+
 @ieee_float32()
-def accumulate_hessian(H: torch.Tensor | None, nsamples: int, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
+def accumulate_hessian(
+    H: torch.Tensor | None, nsamples: int, inp: torch.Tensor, *, upper: bool = False
+) -> tuple[torch.Tensor, int]:
     """Fold a batch of layer inputs into the running Hessian ``H = 2/n sum x x^T`` (float32).
 
     ``inp`` has shape ``(..., in_features)``; every row counts as one token. Returns ``(H, n)``.
+    ``upper``: update only the blocks of ``GRAM_ROWS`` rows on and above the diagonal, 22-37% of the
+    product's flops fewer at 576-2048 columns; :func:`mirror_upper_` completes ``H`` once every
+    batch is in (the runner's path).
     """
     X = inp.reshape(-1, inp.shape[-1]).to(torch.float32)
-    t = X.shape[0]
+    t, n = X.shape
     if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+        H = torch.zeros(n, n, dtype=torch.float32, device=X.device)
     total = nsamples + t
     if nsamples:
         H.mul_(nsamples / total)
-    # One product, the 2/n scaling folded into alpha.
-    cpu_matmul.addmm_(H, X.t(), X, alpha=2.0 / total)
+    # The 2/n scaling is folded into alpha.
+    if not upper:
+        cpu_matmul.addmm_(H, X.t(), X, alpha=2.0 / total)
+    for i in range(0, n, GRAM_ROWS) if upper else ():
+        cpu_matmul.addmm_(H[i : i + GRAM_ROWS, i:], X[:, i : i + GRAM_ROWS].t(), X[:, i:], alpha=2.0 / total)
     return H, total
+
+
+def mirror_upper_(H: torch.Tensor) -> torch.Tensor:
+    """Complete in place a Hessian accumulated with ``upper=True``: its blocks below the diagonal
+    become the transposes of those above."""
+    for i in range(0, H.shape[0], GRAM_ROWS):
+        j = i + GRAM_ROWS
+        H[j:, i:j] = H[i:j, j:].t()
+    return H
 
 
 @ieee_float32()

@@ -27,7 +27,7 @@ from .arch import (
 )
 from .capture import Stop, capture_block_inputs, first_output
 from .config import LayerOverride, PlanError, PruningPlan, Sparsity, nearest
-from .hessian import accumulate_hessian, layer_error
+from .hessian import accumulate_hessian, layer_error, mirror_upper_
 from .hessian_cache import HessianCache
 from .solvers import sparsify_weight
 
@@ -285,7 +285,7 @@ class Pruner:
                 alias[name] = seen[key][1]
             else:
                 seen[key] = (x, name)
-                H[name], count[name] = accumulate_hessian(H.get(name), count.get(name, 0), x.detach())
+                H[name], count[name] = accumulate_hessian(H.get(name), count.get(name, 0), x.detach(), upper=True)
             remaining.discard(name)
             if not remaining:
                 raise Stop
@@ -311,7 +311,7 @@ class Pruner:
                 h.remove()
         for name in modules:
             if name in H:
-                self.hessians.put(name, H[name], count[name])
+                self.hessians.put(name, mirror_upper_(H[name]), count[name])
             elif name in alias:
                 self.hessians.alias(name, alias[name])
             else:

@@ -34,6 +34,25 @@ def test_accumulate_hessian_matches_direct():
     torch.testing.assert_close(Hs, H, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cols", [100, 384, 500, 1000])
+def test_accumulate_hessian_upper_blocks_then_mirror_equals_the_full_product(cols, device):
+    """The runner's path: only the blocks on and above the diagonal per batch, mirrored once at the end."""
+    from apt_viz.hessian import GRAM_ROWS, mirror_upper_
+
+    g = torch.Generator().manual_seed(cols)
+    batches = [torch.randn(1, t, cols, generator=g).to(device) for t in (64, 37, 128)]
+    full, upper, n_full, n_upper = None, None, 0, 0
+    for x in batches:
+        full, n_full = accumulate_hessian(full, n_full, x)
+        upper, n_upper = accumulate_hessian(upper, n_upper, x, upper=True)
+    assert n_upper == n_full == 229
+    mirror_upper_(upper)
+    for i in range(0, cols, GRAM_ROWS):
+        j = i + GRAM_ROWS
+        assert torch.equal(upper[j:, i:j], upper[i:j, j:].T)
+    torch.testing.assert_close(upper, full, rtol=1e-6, atol=1e-6 * float(full.abs().max()))
+
+
 @pytest.mark.parametrize("solver", ["direct", "pcg"])
 @pytest.mark.parametrize("spec", ["0.5", "2:4", "0.3", "0.7"])
 def test_refit_equals_least_squares_optimum(spec, solver, device):
