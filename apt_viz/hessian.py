@@ -31,10 +31,11 @@ def accumulate_hessian(
     if nsamples:
         H.mul_(nsamples / total)
     # The 2/n scaling is folded into alpha.
-    if not upper:
+    if upper:
+        for i in range(0, n, GRAM_ROWS):
+            cpu_matmul.addmm_(H[i : i + GRAM_ROWS, i:], X[:, i : i + GRAM_ROWS].t(), X[:, i:], alpha=2.0 / total)
+    else:
         cpu_matmul.addmm_(H, X.t(), X, alpha=2.0 / total)
-    for i in range(0, n, GRAM_ROWS) if upper else ():
-        cpu_matmul.addmm_(H[i : i + GRAM_ROWS, i:], X[:, i : i + GRAM_ROWS].t(), X[:, i:], alpha=2.0 / total)
     return H, total
 
 

@@ -156,12 +156,8 @@ def test_hessian_forwards_stop_before_the_last_layers_product_with_the_same_hess
     # The reference: every layer's input from whole forwards of the block.
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     ran: list[str] = []
-    inputs, calls = [], []
-    for n in names:
-        source, read, before = input_source(model, n)
-        hook = lambda mod, inp, out=None, n=n, read=read: seen[n].append(read(mod, inp, out).detach().clone())  # noqa: E731
-        inputs.append(source.register_forward_pre_hook(hook) if before else source.register_forward_hook(hook))
-        calls.append(p.layers[n].register_forward_hook(lambda mod, inp, out, n=n: ran.append(n)))
+    inputs = p._input_hooks({n: p.layers[n] for n in names}, lambda n, x: seen[n].append(x.detach().clone()))
+    calls = [p.layers[n].register_forward_hook(lambda mod, inp, out, n=n: ran.append(n)) for n in names]
     with torch.no_grad():
         for x in inps:
             block(x, *extra[0][0], **extra[0][1])
